@@ -1,0 +1,31 @@
+# Set-up and entry points. Every target installs into a local venv first if needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel is the fast default; a torch already in the venv (e.g. a CUDA build) is kept.
+TORCH ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install test train eval bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+train: install
+	$(PY) -m tcurlora_seg.train $(ARGS)
+
+eval: install
+	$(PY) -m tcurlora_seg.evaluate $(if $(RUN),run_dir=$(RUN)) $(ARGS)
+
+bench: install
+	$(PY) scripts/bench_adapters.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
