@@ -1,0 +1,137 @@
+"""Parameter-efficient adapters for a MONAI UNETR, behind one registry.
+
+Named ``adapters`` so as not to be confused with HF ``peft`` (which the LoRA-family baselines use underneath).
+
+    apply_adapter(model, "tcurlora", rank=8)      # in place; returns the model
+    merge_adapter(model) / unmerge_adapter(model)
+    state = adapter_state_dict(model)             # only what trained + indices + options + base fingerprint
+    load_adapter_state_dict(fresh_pretrained_model, state)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .base import AdapterLayer, base_fingerprint, count_trainable
+from .tcurlora import TCURLoRAConfig, apply_tcurlora
+
+__all__ = [
+    "ADAPTERS",
+    "apply_adapter",
+    "merge_adapter",
+    "unmerge_adapter",
+    "adapter_state_dict",
+    "load_adapter_state_dict",
+    "adapter_layers",
+    "count_trainable",
+    "TCURLoRAConfig",
+]
+
+# name -> function(model, **options) that adapts the model in place and returns its resolved options (plain types)
+ADAPTERS: dict[str, Callable[..., dict]] = {"tcurlora": apply_tcurlora}
+
+# Buffers that an adapter file must carry besides the trainable parameters (the selected CUR indices).
+_SAVED_BUFFERS = ("tcur_rows", "tcur_cols")
+
+
+def apply_adapter(model: nn.Module, name: str, **options) -> nn.Module:
+    """Adapt ``model`` in place with the method ``name`` and return it. Raises ValueError for a bad name or option."""
+    if getattr(model, "adapter_config", None) is not None:
+        raise ValueError(f"model already has adapter '{model.adapter_config['name']}'; build a fresh model to apply another")
+    if name not in ADAPTERS:
+        raise ValueError(f"unknown adapter '{name}' (peft.name); choose one of {sorted(ADAPTERS)}")
+    try:
+        resolved = ADAPTERS[name](model, **options)
+    except TypeError as err:  # an option the method does not have
+        raise ValueError(f"adapter '{name}': {err}") from err
+    model.adapter_config = {"name": name, "options": resolved, "base_fingerprint": base_fingerprint(model)}
+    return model
+
+
+def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
+    """Every wrapped layer of ``model``."""
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
+def _config(model: nn.Module) -> dict:
+    config = getattr(model, "adapter_config", None)
+    if config is None:
+        raise ValueError("model has no adapter: call apply_adapter(model, name, ...) first")
+    return config
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every adapter update into its base weight, so inference costs the base model."""
+    _config(model)
+    for layer in adapter_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Undo ``merge_adapter``: the base weights return to the pretrained values (up to float rounding)."""
+    _config(model)
+    for layer in adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """What a fine-tuned model adds to its base: trainable tensors, CUR indices, options and the base fingerprint.
+
+    Plain types and tensors only, so ``torch.load(..., weights_only=True)`` reads it back.
+    """
+    config = _config(model)
+    tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update(
+        {n: b.detach().cpu().clone() for n, b in model.named_buffers() if n.rpartition(".")[2] in _SAVED_BUFFERS}
+    )
+    return {"adapter": config["name"], "options": dict(config["options"]), "base_fingerprint": config["base_fingerprint"], "state_dict": tensors}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
+    """Load ``adapter_state_dict`` output into ``model`` (a pretrained base, adapted or not); returns the model.
+
+    Applies the adapter first when the model has none. Refuses a state trained on another base or with other options.
+    """
+    if not isinstance(state, dict) or not {"adapter", "options", "state_dict"} <= state.keys():
+        raise ValueError("not an adapter state: expected the dict returned by adapter_state_dict() (keys adapter, options, state_dict)")
+    if getattr(model, "adapter_config", None) is None:
+        apply_adapter(model, state["adapter"], **state["options"])
+    config = model.adapter_config
+    if config["name"] != state["adapter"] or config["options"] != state["options"]:
+        raise ValueError(
+            f"adapter mismatch: model has {config['name']} {config['options']}, file has {state['adapter']} {state['options']}; "
+            "apply the adapter with the file's options or load onto a fresh model"
+        )
+    if state.get("base_fingerprint") not in (None, config["base_fingerprint"]):
+        raise ValueError(
+            "adapter was trained on a different base model (frozen weights differ); load the pretrained checkpoint it was fine-tuned from"
+        )
+    tensors = state["state_dict"]
+    own = dict(model.named_parameters())
+    expected = {n for n, p in own.items() if p.requires_grad}
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise ValueError(f"adapter state lacks trained tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    buffers = dict(model.named_buffers())
+    for name, value in tensors.items():
+        if name in buffers and name.rpartition(".")[2] in _SAVED_BUFFERS:
+            if not torch.equal(buffers[name].cpu(), value):
+                raise ValueError(f"{name}: the saved CUR selection differs from this base's; load the base the adapter was trained on")
+        elif name not in expected:
+            raise ValueError(f"adapter state has unexpected tensor '{name}' for this model")
+        elif own[name].shape != value.shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} in the adapter state, {tuple(own[name].shape)} in the model")
+    merged = [layer for layer in adapter_layers(model) if layer.merged]
+    for layer in merged:  # a merged weight holds the old ΔW: take it out before U changes
+        layer.unmerge()
+    with torch.no_grad():
+        for name in expected:
+            own[name].copy_(tensors[name])
+    for layer in merged:
+        layer.merge()
+    return model

@@ -1,0 +1,89 @@
+"""Pure tensor math of tCURLoRA: the t-product, tensor CUR selection and a slice-wise pseudo-inverse.
+
+Torch only (no MONAI). Third-order tensors keep their frontal slices on the last axis: A has shape (n1, n2, n3) and
+A[:, :, k] is slice k. See shared/DESIGN.md §1.1–1.2 for the definitions used here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["t_product", "select_tensor_cur", "t_pinv", "tensor_cur_delta", "rfft_weights"]
+
+
+def _check_3d(name: str, A: Tensor) -> None:
+    if A.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D tensor (n1, n2, n3) with slices on the last axis, got shape {tuple(A.shape)}")
+    if A.is_complex() or not A.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor, got dtype {A.dtype}")
+
+
+def t_product(A: Tensor, B: Tensor) -> Tensor:
+    """t-product A ∗ B (Kilmer & Martin 2011): slice-wise matrix products in the Fourier domain along the last axis.
+
+    A: (n1, n2, n3), B: (n2, n4, n3) -> (n1, n4, n3). Equals the circular convolution of slices,
+    ``(A ∗ B)_k = sum_m A_m @ B_{(k - m) mod n3}``. Real in, real out: only the n3 // 2 + 1 unique frequencies are formed.
+    """
+    _check_3d("A", A)
+    _check_3d("B", B)
+    if A.shape[1] != B.shape[0] or A.shape[2] != B.shape[2]:
+        raise ValueError(f"t_product needs A (n1, n2, n3) and B (n2, n4, n3), got {tuple(A.shape)} and {tuple(B.shape)}")
+    n3 = A.shape[2]
+    Af = torch.fft.rfft(A, dim=-1)  # (n1, n2, F)
+    Bf = torch.fft.rfft(B, dim=-1)  # (n2, n4, F)
+    return torch.fft.irfft(torch.einsum("ijf,jkf->ikf", Af, Bf), n=n3, dim=-1)
+
+
+def tensor_cur_delta(C: Tensor, U: Tensor, R: Tensor) -> Tensor:
+    """ΔW = C ∗ U ∗ R (paper Eq. 2): C (n1, r, n3), U (r, r, n3), R (r, n2, n3) -> (n1, n2, n3)."""
+    return t_product(C, t_product(U, R))
+
+
+def rfft_weights(n3: int, device: torch.device | None = None) -> Tensor:
+    """How many of the n3 DFT frequencies each rfft frequency stands for (1 for DC and Nyquist, 2 for the others).
+
+    A real tensor's spectrum is conjugate-symmetric, so a norm summed over all n3 frequencies equals the weighted sum
+    over the n3 // 2 + 1 rfft frequencies: half the memory of a full FFT of a 768 × 3072 × 12 weight tensor.
+    """
+    w = torch.full((n3 // 2 + 1,), 2.0, device=device)
+    w[0] = 1.0
+    if n3 % 2 == 0:
+        w[-1] = 1.0
+    return w
+
+
+@torch.no_grad()
+def select_tensor_cur(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Tensor CUR selection (paper §2.2): the r rows and r columns of W (n1, n2, n3) that C and R are taken from.
+
+    Deterministic top-r, no sampling:
+    column score ``alpha_j = sum_k ||fft(W)[:, j, k]||_2`` over all n3 frequencies; J = the r best columns.
+    Row score ``beta_i = sum_k ||fft(W)[i, J, k]||_2`` over the selected columns only; I = the r best rows.
+    Returns (rows, cols) as LongTensors of length ``rank``, each in decreasing score order.
+    """
+    _check_3d("W", W)
+    n1, n2, n3 = W.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if rank > min(n1, n2):
+        raise ValueError(f"rank {rank} is larger than the tensor's smaller dimension min({n1}, {n2}); choose rank <= {min(n1, n2)}")
+    Wf = torch.fft.rfft(W.float(), dim=-1)  # (n1, n2, F)
+    w = rfft_weights(n3, W.device)
+    alpha = (torch.linalg.vector_norm(Wf, dim=0) * w).sum(-1)  # (n2,)
+    cols = torch.topk(alpha, rank).indices
+    beta = (torch.linalg.vector_norm(Wf[:, cols, :], dim=1) * w).sum(-1)  # (n1,)
+    rows = torch.topk(beta, rank).indices
+    return rows, cols
+
+
+def t_pinv(A: Tensor) -> Tensor:
+    """Slice-wise Moore–Penrose pseudo-inverse in the Fourier domain: A (n1, n2, n3) -> (n2, n1, n3).
+
+    With it, ``C ∗ t_pinv(W[rows][:, cols]) ∗ R`` reconstructs a tensor of tubal rank <= r exactly when the selected
+    rows and columns span it (DESIGN.md §1.2, step 5).
+    """
+    _check_3d("A", A)
+    n3 = A.shape[2]
+    Af = torch.fft.rfft(A, dim=-1).permute(2, 0, 1)  # (F, n1, n2)
+    return torch.fft.irfft(torch.linalg.pinv(Af).permute(1, 2, 0), n=n3, dim=-1)
