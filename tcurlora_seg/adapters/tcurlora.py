@@ -90,7 +90,10 @@ class TensorCURGroup(nn.Module):
         self.register_buffer("tcur_cols", cols)
         self.register_buffer("tcur_C", W[:, cols, :].clone(), persistent=False)
         self.register_buffer("tcur_R", W[rows, :, :].clone(), persistent=False)
+        # C's slices side by side, (n1, n3·r), block j = C_j: the layout every forward multiplies with
+        self.register_buffer("tcur_Cflat", self.tcur_C.permute(0, 2, 1).reshape(n1, -1).contiguous(), persistent=False)
         self.tcur_U = nn.Parameter(torch.zeros(rank, rank, n3, dtype=W.dtype, device=W.device))
+        self._cache: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -98,8 +101,24 @@ class TensorCURGroup(nn.Module):
         return n1, self.tcur_R.shape[1], n3
 
     def V(self) -> Tensor:
-        """V = U ∗ R: (r, n2, n3). Cheap (r² · n2 per frequency), recomputed per call so autograd needs no cache."""
+        """V = U ∗ R: (r, n2, n3)."""
         return t_product(self.tcur_U, self.tcur_R)
+
+    def Vstack(self) -> Tensor:
+        """V's slices stacked, (n3·r, n2), block j = V_j; computed once per forward pass of the model.
+
+        Every linear of the group needs it (48 attention slices), so one autograd node serves them all. The cache is
+        dropped by a forward pre-hook on the model and whenever U changes (optimizer step, load) or the grad mode
+        differs, so a stale or graph-less V is never used.
+        """
+        key = (self.tcur_U._version, self.tcur_U.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            V = self.V()
+            self._cache = (key, V.permute(2, 0, 1).reshape(-1, V.shape[1]))
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        self._cache = None
 
     def delta(self) -> Tensor:
         """The full ΔW = C ∗ U ∗ R (n1, n2, n3)."""
@@ -140,16 +159,14 @@ class TCURLinear(AdapterLayer):
 
     def _rolled_C(self) -> Tensor:
         """(s, n1, n3·r): for slice k, C's slices re-indexed by (k - j) mod n3, side by side."""
-        C = self.group.tcur_C.permute(0, 2, 1)  # (n1, n3, r)
-        n1, n3, r = C.shape
+        n1, _, n3 = self.group.shape
+        C = self.group.tcur_Cflat.view(n1, n3, -1)  # (n1, n3, r)
         rolled = C[:, self.tcur_roll.flatten(), :]  # (n1, s*n3, r)
-        return rolled.reshape(n1, len(self.slices), n3 * r).transpose(0, 1)
+        return rolled.reshape(n1, len(self.slices), -1).transpose(0, 1)
 
     def delta_slices(self) -> Tensor:
         """ΔS_k for this layer's slices: (s, n1, n2), input × output."""
-        V = self.group.V()  # (r, n2, n3)
-        Vstack = V.permute(2, 0, 1).reshape(-1, V.shape[1])  # (n3*r, n2), block j = V_j
-        return self._rolled_C() @ Vstack  # (s, n1, n3*r) @ (n3*r, n2) -> (s, n1, n2)
+        return self._rolled_C() @ self.group.Vstack()  # (s, n1, n3*r) @ (n3*r, n2) -> (s, n1, n2)
 
     def adapter_output(self, x: Tensor) -> Tensor:
         """x · ΔS_k for each owned slice, concatenated like the base output: (..., n1) -> (..., s·n2)."""
@@ -160,13 +177,10 @@ class TCURLinear(AdapterLayer):
         if not self._use_factored(tokens):
             out = torch.einsum("ti,sio->tso", x.reshape(tokens, n1), self.delta_slices().to(x.dtype))
             return out.reshape(*lead, s * n2)
-        V = self.group.V()
-        Vstack = V.permute(2, 0, 1).reshape(-1, n2).to(x.dtype)  # (n3*r, n2)
-        C = self.group.tcur_C.permute(0, 2, 1)  # (n1, n3, r)
-        r = C.shape[-1]
-        H = x.reshape(tokens, n1) @ C.reshape(n1, n3 * r).to(x.dtype)  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
-        Hk = H.view(tokens, n3, r)[:, self.tcur_roll.flatten(), :]  # (T, s*n3, r), shared H for q, k, v
-        out = Hk.reshape(tokens, s, n3 * r) @ Vstack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
+        Vstack = self.group.Vstack().to(x.dtype)  # (n3*r, n2)
+        H = x.reshape(tokens, n1) @ self.group.tcur_Cflat.to(x.dtype)  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
+        Hk = H.view(tokens, n3, -1)[:, self.tcur_roll.flatten(), :]  # (T, s*n3, r), one H for q, k and v
+        out = Hk.reshape(tokens, s, -1) @ Vstack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
         return out.reshape(*lead, s * n2)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -214,4 +228,11 @@ def apply_tcurlora(model: nn.Module, **options) -> dict:
             parent = model.get_submodule(parent_path)
             setattr(parent, attr, TCURLinear(getattr(parent, attr), group, target.slices, config.mode))
     model.tcur_groups = groups
+    model.register_forward_pre_hook(_clear_group_caches)
     return config.to_dict()
+
+
+def _clear_group_caches(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: each forward pass of the model computes every group's V = U ∗ R afresh, once."""
+    for group in model.tcur_groups.values():
+        group.clear_cache()

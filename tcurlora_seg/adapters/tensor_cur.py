@@ -30,9 +30,10 @@ def t_product(A: Tensor, B: Tensor) -> Tensor:
     if A.shape[1] != B.shape[0] or A.shape[2] != B.shape[2]:
         raise ValueError(f"t_product needs A (n1, n2, n3) and B (n2, n4, n3), got {tuple(A.shape)} and {tuple(B.shape)}")
     n3 = A.shape[2]
-    Af = torch.fft.rfft(A, dim=-1)  # (n1, n2, F)
-    Bf = torch.fft.rfft(B, dim=-1)  # (n2, n4, F)
-    return torch.fft.irfft(torch.einsum("ijf,jkf->ikf", Af, Bf), n=n3, dim=-1)
+    Af = torch.fft.rfft(A, dim=-1).permute(2, 0, 1)  # (F, n1, n2)
+    Bf = torch.fft.rfft(B, dim=-1).permute(2, 0, 1)  # (F, n2, n4)
+    # a batched matmul over frequencies: on CPU about twice as fast as the equivalent complex einsum
+    return torch.fft.irfft((Af @ Bf).permute(1, 2, 0), n=n3, dim=-1)
 
 
 def tensor_cur_delta(C: Tensor, U: Tensor, R: Tensor) -> Tensor:
