@@ -10,7 +10,7 @@ Config keys (``configs/model/*.yaml``; absent architecture keys take MONAI's def
 
 Checkpoints accepted by :func:`load_pretrained` (always ``torch.load(weights_only=True)``):
     ours                ``{"model": state_dict, "config": {...}, ...}`` (see :func:`save_checkpoint`)
-    official            ``{"epoch", "state_dict", "optim_dict"}`` of t-CURLoRA / LoRA-PT, keys maybe prefixed ``module.``
+    official            ``{"epoch", "state_dict", "optim_dict"}`` of t-CURLoRA / LoRA-PT, keys maybe ``module.``-prefixed
     plain               a MONAI UNETR ``state_dict``
 MONAI version differences (DESIGN §5) are absorbed: a perceptron patch embedding (old ``pos_embed="perceptron"``) is
 converted exactly to a conv one and back; a missing qkv bias becomes zero (the same function); ``norm_cross_attn`` /
@@ -107,7 +107,7 @@ def build_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | li
         raise UserError(f"model.proj_type: {kwargs['proj_type']!r} is not conv or perceptron")
     heads = kwargs.get("num_heads", 12)
     if kwargs.get("hidden_size", 768) % heads:
-        raise UserError(f"model.hidden_size {kwargs.get('hidden_size', 768)} must be divisible by model.num_heads {heads}")
+        raise UserError(f"model.hidden_size {kwargs.get('hidden_size', 768)} must be a multiple of model.num_heads {heads}")
     return UNETR(img_size=size, **kwargs)
 
 
@@ -279,18 +279,23 @@ def load_pretrained(model: UNETR, path: str | os.PathLike, *, strict_vit: bool =
             mismatched.append(f"{key} (missing)")
         report.missing.append(key)
 
+    # Head count leaves no trace in tensor shapes; only our checkpoints' config can tell.
+    saved = config.get("model", config) if config is not None else None
+    heads = model.vit.blocks[0].attn.num_heads
+    if isinstance(saved, Mapping) and saved.get("num_heads") not in (None, heads) and strict_vit:
+        mismatched.append(f"num_heads (checkpoint {saved['num_heads']}, model {heads})")
     if zeroed_bias:
         report.notes.append("qkv biases absent from the checkpoint were set to zero (the same function).")
     if not any(key in state for key in target):
         raise UserError(
-            f"checkpoint {path}: none of its {len(state)} tensors matches a UNETR key (e.g. {_first(sorted(state), 2)}); "
-            "it is not a MONAI UNETR checkpoint"
+            f"checkpoint {path}: none of its {len(state)} tensors matches a UNETR key "
+            f"(e.g. {_first(sorted(state), 2)}); it is not a MONAI UNETR checkpoint"
         )
     if mismatched and strict_vit:
         raise UserError(
             f"checkpoint {path}: {len(mismatched)} ViT/encoder tensors do not fit the model: {_first(mismatched)}; "
             f"the checkpoint has {_architecture(state, config)}: model.hidden_size/img_size/mlp_dim/num_heads/"
-            "feature_size/proj_type must match the checkpoint (and data.roi_size = model.img_size)"
+            "feature_size/proj_type/qkv_bias must match the checkpoint (and data.roi_size = model.img_size)"
         )
 
     model.load_state_dict(to_load, strict=False)

@@ -57,7 +57,11 @@ def test_img_size_comes_from_roi_size_and_conflicts_are_refused():
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
-    [({"hidden_size": 50}, "model.hidden_size"), ({"patch_size": 8}, "model.patch_size"), ({"hiden_size": 48}, "model.hiden_size")],
+    [
+        ({"hidden_size": 50}, "model.hidden_size"),
+        ({"patch_size": 8}, "model.patch_size"),
+        ({"hiden_size": 48}, "model.hiden_size"),
+    ],
 )
 def test_bad_model_config_names_the_key(overrides, key):
     cfg = OmegaConf.merge(tiny_cfg(), OmegaConf.create(overrides))
@@ -74,7 +78,8 @@ def test_old_pos_embed_key_is_refused_with_the_new_name():
 
 def test_our_checkpoint_round_trip(tmp_path):
     source, target = tiny(img_size=16), build_unetr(tiny_cfg(img_size=16))
-    path = save_checkpoint(tmp_path / "best.pt", {"model": source.state_dict(), "config": {"model": tiny_cfg(img_size=16)}, "epoch": 3})
+    payload = {"model": source.state_dict(), "config": {"model": tiny_cfg(img_size=16)}, "epoch": 3}
+    path = save_checkpoint(tmp_path / "best.pt", payload)
     report = load_pretrained(target, path)
     assert same_weights(source, target)
     assert report.source_format == "tcurlora_seg"
@@ -233,3 +238,11 @@ def test_save_refuses_objects_that_weights_only_cannot_read(tmp_path):
     with pytest.raises(TypeError, match="payload.extra"):
         save_checkpoint(tmp_path / "x.pt", {"extra": NotATensor()})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_head_count_recorded_in_our_checkpoint_is_checked(tmp_path):
+    # 48 channels split in 3 or 6 heads: same tensor shapes, different function
+    payload = {"model": tiny(num_heads=6).state_dict(), "config": {"model": tiny_cfg(num_heads=6)}}
+    save_checkpoint(tmp_path / "six_heads.pt", payload)
+    with pytest.raises(UserError, match=r"num_heads \(checkpoint 6, model 3\)"):
+        load_pretrained(build_unetr(tiny_cfg()), tmp_path / "six_heads.pt")
