@@ -10,7 +10,7 @@ Config keys (``configs/model/*.yaml``; absent architecture keys take MONAI's def
 
 Checkpoints accepted by :func:`load_pretrained` (always ``torch.load(weights_only=True)``):
     ours                ``{"model": state_dict, "config": {...}, ...}`` (see :func:`save_checkpoint`)
-    official            ``{"epoch", "state_dict", "optim_dict"}`` of t-CURLoRA / LoRA-PT, keys maybe ``module.``-prefixed
+    official            ``{"epoch", "state_dict", "optim_dict"}`` of t-CURLoRA / LoRA-PT, maybe ``module.``-prefixed
     plain               a MONAI UNETR ``state_dict``
 MONAI version differences (DESIGN §5) are absorbed: a perceptron patch embedding (old ``pos_embed="perceptron"``) is
 converted exactly to a conv one and back; a missing qkv bias becomes zero (the same function); ``norm_cross_attn`` /
@@ -105,9 +105,9 @@ def build_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | li
         kwargs["norm_name"] = tuple(kwargs["norm_name"])
     if kwargs.get("proj_type", "conv") not in ("conv", "perceptron"):
         raise UserError(f"model.proj_type: {kwargs['proj_type']!r} is not conv or perceptron")
-    heads = kwargs.get("num_heads", 12)
-    if kwargs.get("hidden_size", 768) % heads:
-        raise UserError(f"model.hidden_size {kwargs.get('hidden_size', 768)} must be a multiple of model.num_heads {heads}")
+    hidden, heads = kwargs.get("hidden_size", 768), kwargs.get("num_heads", 12)
+    if hidden % heads:
+        raise UserError(f"model.hidden_size {hidden} must be a multiple of model.num_heads {heads}")
     return UNETR(img_size=size, **kwargs)
 
 
