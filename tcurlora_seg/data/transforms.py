@@ -66,7 +66,8 @@ def build_transforms(cfg_data: Mapping[str, Any], split: str) -> mt.Compose:
         mt.EnsureChannelFirstd(keys=KEYS),
     ]
     if cfg_data.get("orientation"):
-        chain.append(mt.Orientationd(keys=KEYS, axcodes=str(cfg_data["orientation"])))
+        # labels given explicitly: MONAI is changing this default and warns otherwise
+        chain.append(mt.Orientationd(keys=KEYS, axcodes=str(cfg_data["orientation"]), labels=(("L", "R"), ("P", "A"), ("I", "S"))))
     if cfg_data.get("spacing"):
         chain.append(mt.Spacingd(keys=KEYS, pixdim=[float(s) for s in cfg_data["spacing"]], mode=("bilinear", "nearest")))
     mapping = label_mapping(cfg_data)
