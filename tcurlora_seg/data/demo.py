@@ -16,6 +16,7 @@ See data/README.md for the construction.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import shutil
@@ -66,6 +67,7 @@ def _downsample(vol: np.ndarray) -> np.ndarray:
     return out[0, 0, ::2, ::2, ::2].numpy()
 
 
+@functools.lru_cache(maxsize=1)  # seconds of gzip reading; the maps are only read afterwards, never written
 def _load_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """T1, GM and WM maps of MNI152 2009a (in [0, 1]) at 2 mm on the demo grid, and the grid's affine.
 
@@ -85,6 +87,8 @@ def _load_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     affine[:3, 3] += affine[:3, :3] @ np.array([x0, y0, z0], dtype=float)
     t1, gm, wm = maps
     t1[t1 < 1e-3] = 0.0
+    for vol in (t1, gm, wm):
+        vol.flags.writeable = False  # shared by the cache
     return t1, gm, wm, affine
 
 
