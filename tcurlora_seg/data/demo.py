@@ -1,0 +1,263 @@
+"""Embedded offline demo cohort built from the real MNI152 2009 anatomy that ships inside nilearn.
+
+Two tasks, each written in the official layout (``sub{i}/sub{i}_img.nii.gz``, ``sub{i}_mask.nii.gz``,
+``train.txt`` / ``valid.txt`` / ``test.txt``) so that the demo goes through the real loader:
+
+- ``source/``: a BraTS-like lesion task for pretraining (bright, ring-enhancing blobs inserted into the white matter);
+- ``target/``: a different, tissue-structure task for fine-tuning with 5 training cases (the hippocampal grey matter,
+  carved from the GM probability map inside two ellipsoids around MNI (±28, −22, −14), as in EADC-ADNI / LPBA40).
+
+Every subject is the template under a random smooth deformation (small affine + coarse displacement field), with a
+gamma change, a multiplicative bias field and noise inside the brain; the background stays exactly 0 (skull-stripped,
+like the paper's data). 2 mm voxels on a 96×112×96 grid (divisible by 16). Deterministic for a seed: each subject
+draws from its own generator seeded by (seed, task, index), so the build order does not matter.
+See data/README.md for the construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tcurlora_seg.errors import UserError
+
+__all__ = ["DEMO_VERSION", "DEMO_SHAPE", "DEMO_TASKS", "build_demo", "demo_is_built"]
+
+# Bump whenever the generator changes: a cache with another version is rebuilt.
+DEMO_VERSION = 1
+DEMO_SHAPE = (96, 112, 96)
+MANIFEST = "demo.json"
+# name -> (task code for seeding, train, val, test)
+DEMO_TASKS: dict[str, tuple[int, int, int, int]] = {"source": (1, 16, 4, 0), "target": (2, 5, 3, 10)}
+# The 2 mm template is 99×117×95 with the brain in x 13..85, y 14..103, z 0..77: crop x and y, pad z at the top.
+_CROP = ((1, 97), (3, 115), (0, 95))
+_PAD_Z = 1
+# Hippocampus centres (MNI mm) and ellipsoid radii (mm) of the region carved from the GM map.
+_HIPPO_CENTRES = ((28.0, -22.0, -14.0), (-28.0, -22.0, -14.0))
+_HIPPO_RADII = (7.0, 17.0, 9.0)
+
+
+def _nilearn_data_dir() -> Path:
+    """nilearn's package data folder, found without importing nilearn (its import costs seconds)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the demo needs nilearn's MNI152 templates: install nilearn (pip install nilearn) or use a real data=...")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def _downsample(vol: np.ndarray) -> np.ndarray:
+    """1 mm -> 2 mm on the grid that nilearn's ``resolution=2`` uses (every other voxel), after a [1, 2, 1]/4 blur."""
+    out = torch.from_numpy(vol)[None, None]
+    kernel = torch.tensor([0.25, 0.5, 0.25])
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 3
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = 1
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.view(shape))
+    return out[0, 0, ::2, ::2, ::2].numpy()
+
+
+@functools.lru_cache(maxsize=1)  # seconds of gzip reading; the maps are only read afterwards, never written
+def _load_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """T1, GM and WM maps of MNI152 2009a (in [0, 1]) at 2 mm on the demo grid, and the grid's affine.
+
+    The 1 mm files (197×233×189, uint8) are read from nilearn's package data: no network is involved.
+    """
+    folder = _nilearn_data_dir()
+    (x0, x1), (y0, y1), (z0, z1) = _CROP
+    maps = []
+    for name in ("t1", "gm", "wm"):
+        path = folder / f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz"
+        if not path.is_file():
+            raise UserError(f"{path}: missing from the nilearn package; reinstall nilearn (pip install --force-reinstall nilearn)")
+        img = nib.load(path)
+        vol = _downsample(np.asarray(img.dataobj, dtype=np.float32) / 255.0)[x0:x1, y0:y1, z0:z1]
+        maps.append(np.pad(vol, ((0, 0), (0, 0), (0, _PAD_Z))))
+    affine = img.affine @ np.diag([2.0, 2.0, 2.0, 1.0])  # 2 mm, same origin (voxel 0 is kept)
+    affine[:3, 3] += affine[:3, :3] @ np.array([x0, y0, z0], dtype=float)
+    t1, gm, wm = maps
+    t1[t1 < 1e-3] = 0.0
+    for vol in (t1, gm, wm):
+        vol.flags.writeable = False  # shared by the cache
+    return t1, gm, wm, affine
+
+
+def _hippocampal_region(gm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Float mask (0/1) of the GM inside two ellipsoids around the hippocampi, in template space."""
+    ijk = np.indices(gm.shape, dtype=np.float32).reshape(3, -1)
+    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *gm.shape)  # (3, X, Y, Z) in mm
+    inside = np.zeros(gm.shape, dtype=bool)
+    for centre in _HIPPO_CENTRES:
+        d2 = sum(((xyz[a] - centre[a]) / _HIPPO_RADII[a]) ** 2 for a in range(3))
+        inside |= d2 <= 1.0
+    return (inside & (gm > 0.45)).astype(np.float32)
+
+
+def _smooth_field(rng: np.random.Generator, coarse: tuple[int, int, int], scale: float) -> torch.Tensor:
+    """A smooth random field (X, Y, Z) on the demo grid: Gaussian noise on a coarse grid, upsampled trilinearly."""
+    noise = torch.from_numpy(rng.normal(0.0, scale, size=(1, 1, *coarse)).astype(np.float32))
+    return F.interpolate(noise, size=DEMO_SHAPE, mode="trilinear", align_corners=True)[0, 0]
+
+
+def _random_grid(rng: np.random.Generator) -> torch.Tensor:
+    """Sampling grid (1, X, Y, Z, 3) for grid_sample: a small random affine plus a smooth displacement field."""
+    angles = np.deg2rad(rng.uniform(-6.0, 6.0, size=3))
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rot = (
+        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    )
+    theta = rot * rng.uniform(0.93, 1.07, size=3)
+    # grid_sample's normalised coordinates: translation of a few voxels
+    shift = rng.uniform(-3.0, 3.0, size=3) * 2.0 / np.array(DEMO_SHAPE)
+    # grid_sample sees our (X, Y, Z) volume as (D, H, W) and orders grid coordinates (W, H, D): reverse the axes.
+    mat = np.concatenate([theta[::-1, ::-1], shift[::-1, None]], axis=1)
+    mat = torch.tensor(mat.copy(), dtype=torch.float32)
+    # Everything is built on a 4x coarser grid and upsampled once: the affine part is linear, so trilinear
+    # upsampling keeps it exact, and the displacement is smooth anyway (a third of the cost at full size).
+    coarse_shape = tuple(n // 4 for n in DEMO_SHAPE)
+    grid = F.affine_grid(mat[None], [1, 1, *coarse_shape], align_corners=True)  # (1, X/4, Y/4, Z/4, 3)
+    # displacement of about 2 voxels (4 mm) RMS, correlated over ~2 cm; normalised units, grid axis order
+    knots = torch.from_numpy(rng.normal(0.0, 2.0, size=(1, 3, 6, 7, 6)).astype(np.float32))
+    disp = F.interpolate(knots, size=coarse_shape, mode="trilinear", align_corners=True)
+    disp = disp * (2.0 / torch.tensor(DEMO_SHAPE[::-1], dtype=torch.float32)).view(1, 3, 1, 1, 1)
+    coarse = (grid.permute(0, 4, 1, 2, 3) + disp).contiguous()  # (1, 3, X/4, Y/4, Z/4)
+    return F.interpolate(coarse, size=DEMO_SHAPE, mode="trilinear", align_corners=True).permute(0, 2, 3, 4, 1)
+
+
+def _warp(maps: np.ndarray, grid: torch.Tensor) -> np.ndarray:
+    """Warp stacked maps (C, X, Y, Z) with one trilinear grid_sample."""
+    out = F.grid_sample(torch.from_numpy(maps)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0].numpy()
+
+
+def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """Insert 1-2 ring-enhancing lesions (as in T1ce) centred in the white matter; return the lesion mask."""
+    candidates = np.argwhere(wm > 0.9)
+    mask = np.zeros(image.shape, dtype=bool)
+    wm_level = float(np.median(image[wm > 0.9]))
+    for _ in range(int(rng.integers(1, 3))):
+        centre = candidates[rng.integers(len(candidates))]
+        radii = rng.uniform(3.0, 7.0, size=3)  # voxels: 6-14 mm, like small gliomas
+        # work in the lesion's bounding box only (the wobble below can push the border out by ~15 %)
+        lo = np.maximum(centre - np.ceil(radii * 1.3).astype(int), 0)
+        hi = np.minimum(centre + np.ceil(radii * 1.3).astype(int) + 1, image.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        grid = np.indices(hi - lo, dtype=np.float32) + lo.reshape(3, 1, 1, 1)
+        d = np.sqrt(sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3)))
+        # an irregular border: the distance perturbed by smooth noise
+        d = d + _wobble(rng, d.shape)
+        blob = d <= 1.0
+        ring = blob & (d > 0.6)
+        core = blob & ~ring
+        image[box][ring] = wm_level * rng.uniform(1.5, 1.8)
+        image[box][core] = wm_level * rng.uniform(0.35, 0.55)
+        mask[box] |= blob
+    return mask
+
+
+def _wobble(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Smooth noise of the given shape (std about 0.1): a coarse 3×3×3 grid upsampled."""
+    coarse = torch.from_numpy(rng.normal(0.0, 0.12, size=(1, 1, 3, 3, 3)).astype(np.float32))
+    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
+
+
+def _make_subject(
+    rng: np.random.Generator, atlas: tuple[np.ndarray, ...], task: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One subject: (int16 image, uint8 label) on the demo grid."""
+    t1, _, wm, hippo = atlas
+    # warp only what the task needs: the T1 and either the WM map (lesion sites) or the structure mask
+    image, other = _warp(np.stack([t1, wm if task == "source" else hippo]), _random_grid(rng))
+    brain = image > 0.02
+    image = np.where(brain, image, 0.0).astype(np.float32)
+    if task == "source":
+        label = _insert_lesions(rng, image, other)
+    else:
+        label = other >= 0.5
+    label &= brain
+    # contrast (gamma), bias field, global gain and noise; background kept at 0
+    image = np.clip(image, 0.0, None) ** rng.uniform(0.8, 1.25)
+    bias = np.exp(_smooth_field(rng, (3, 3, 3), 0.12).numpy())
+    noise = rng.normal(0.0, rng.uniform(0.01, 0.03), size=image.shape).astype(np.float32)
+    image = (image * bias + noise) * rng.uniform(800.0, 1200.0)
+    image = np.where(brain, np.clip(image, 1.0, None), 0.0)
+    return np.round(image).astype(np.int16), label.astype(np.uint8)
+
+
+def _write_task(folder: Path, task: str, seed: int, atlas: tuple[np.ndarray, ...], affine: np.ndarray) -> None:
+    code, n_train, n_val, n_test = DEMO_TASKS[task]
+    ids = [f"sub{i}" for i in range(1, n_train + n_val + n_test + 1)]
+    for i, sid in enumerate(ids, start=1):
+        image, label = _make_subject(np.random.default_rng([seed, code, i]), atlas, task)
+        (folder / sid).mkdir(parents=True)
+        for arr, suffix in ((image, "img"), (label, "mask")):
+            img = nib.Nifti1Image(arr, affine)
+            img.header.set_xyzt_units("mm", "sec")
+            nib.save(img, folder / sid / f"{sid}_{suffix}.nii.gz")
+    lists = {"train.txt": ids[:n_train], "valid.txt": ids[n_train : n_train + n_val], "test.txt": ids[n_train + n_val :]}
+    for name, part in lists.items():
+        (folder / name).write_text("".join(f"{sid}\n" for sid in part))
+
+
+def _manifest(seed: int) -> dict:
+    return {
+        "generator": "tcurlora_seg.data.demo",
+        "version": DEMO_VERSION,
+        "seed": seed,
+        "shape": list(DEMO_SHAPE),
+        "spacing_mm": [2.0, 2.0, 2.0],
+        "tasks": {name: dict(zip(("train", "val", "test"), spec[1:])) for name, spec in DEMO_TASKS.items()},
+    }
+
+
+def demo_is_built(root: str | Path, seed: int = 0) -> bool:
+    """True when ``root`` holds a complete demo of this generator version and seed."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        found = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return found.get("version") == DEMO_VERSION and found.get("seed") == seed
+
+
+def build_demo(root: str | Path, seed: int = 0, force: bool = False) -> Path:
+    """Build the demo cohort into ``root`` (``root/source``, ``root/target``) unless an up-to-date one is there.
+
+    The cohort is written into a temporary sibling folder and moved into place at the end, so an interrupted build
+    never looks complete. An existing ``root`` is only replaced when it is an older demo (it has the manifest) or empty.
+    """
+    root = Path(root)
+    if not force and demo_is_built(root, seed):
+        return root
+    if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
+        raise UserError(f"{root}: not empty and not a demo cache; choose another data.root for the demo or empty it")
+    t1, gm, wm, affine = _load_atlas()
+    atlas = (t1, gm, wm, _hippocampal_region(gm, affine))
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        for task in DEMO_TASKS:
+            _write_task(tmp / task, task, seed, atlas, affine)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed), indent=2) + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return root
