@@ -1,0 +1,136 @@
+"""A run folder: its resolved config, its checkpoints, and the model they rebuild.
+
+Layout of a run folder (Hydra's output dir of `python -m tcurlora_seg.train`):
+    config.yaml                  the resolved config of the run (what evaluate / predict / resume read)
+    split.json                   the cases of each split (data check)
+    checkpoints/last.pt          latest state: adapter + optimizer + scheduler + epoch (resume)
+    checkpoints/best.pt          best validation Dice (adapter only)
+    checkpoints/epoch_NNNN.pt    the last ``trainer.keep_last_epochs`` epochs (adapter only; softmax averaging)
+    tensorboard/                 curves and image slices
+    eval/                        metrics.csv, summary.json, predicted labels
+
+A checkpoint is ``{"format", "epoch", "iteration", "metric", "config", "adapter", ["optimizer", "scheduler"]}`` where
+``adapter`` is ``adapters.adapter_state_dict(model)``: only what trained, plus indices, options and the base
+fingerprint. The base itself is rebuilt from ``config.model`` (and ``model.pretrained``), seeded by ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tcurlora_seg.adapters import apply_adapter, load_adapter_state_dict
+from tcurlora_seg.errors import UserError
+from tcurlora_seg.models.unetr import LoadReport, build_unetr, load_checkpoint, load_pretrained
+
+__all__ = [
+    "FORMAT",
+    "resolve_device",
+    "build_model",
+    "save_run_config",
+    "load_run_config",
+    "checkpoint_path",
+    "epoch_checkpoints",
+    "restore_model",
+    "latest_run",
+]
+
+FORMAT = "tcurlora_seg/1"
+CONFIG = "config.yaml"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``trainer.device``: auto | cpu | cuda | cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"trainer.device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name}: no CUDA device here; use trainer.device=cpu")
+    return device
+
+
+def _peft_options(cfg: DictConfig, report: LoadReport | None) -> tuple[str, dict[str, Any]]:
+    options = OmegaConf.to_container(cfg.peft, resolve=True)
+    name = options.pop("name")
+    if options.get("train_out") == "auto":  # the head must learn when it is new (no source model, other class count)
+        options["train_out"] = report is None or report.out_reinitialised
+    return name, options
+
+
+def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.Module, LoadReport | None]:
+    """The UNETR of ``cfg.model``, its pretrained weights and ``cfg.peft``'s adapter (on CPU).
+
+    Seeded with ``cfg.seed`` first: a base that is not loaded from a file (training from scratch) is then the same
+    every time the run is rebuilt, so the adapter's base fingerprint still matches.
+    """
+    torch.manual_seed(int(cfg.seed))
+    model = build_unetr(cfg.model)
+    report = None
+    if pretrained and cfg.model.get("pretrained"):
+        report = load_pretrained(model, cfg.model.pretrained)
+    name, options = _peft_options(cfg, report)
+    apply_adapter(model, name, **options)
+    return model, report
+
+
+def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
+    """Write the resolved config into the run folder (what evaluate, predict and resume rebuild from)."""
+    path = Path(run_dir) / CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(OmegaConf.to_yaml(resolved))
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise UserError(f"run_dir={run_dir}: no {CONFIG}; point run_dir at a folder written by tcurlora_seg.train")
+    return OmegaConf.load(path)
+
+
+def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
+    """``best`` | ``last`` | ``epoch_NNNN`` | a file path."""
+    path = Path(which) if which.endswith(".pt") else Path(run_dir) / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; train first, or choose checkpoint=best|last|epoch_NNNN")
+    return path
+
+
+def epoch_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The kept per-epoch checkpoints, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(p for p in folder.glob("epoch_*.pt") if re.fullmatch(r"epoch_\d+\.pt", p.name))
+
+
+def restore_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[torch.nn.Module, DictConfig, dict]:
+    """Rebuild the fine-tuned model of a run: base from config (+ model.pretrained) and the checkpoint's adapter."""
+    cfg = load_run_config(run_dir)
+    path = checkpoint_path(run_dir, which)
+    payload = load_checkpoint(path)
+    if payload.get("format") != FORMAT or "adapter" not in payload:
+        raise UserError(f"{path} is not a tcurlora_seg training checkpoint (format {FORMAT})")
+    model, _ = build_model(cfg)
+    try:
+        load_adapter_state_dict(model, payload["adapter"])
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from err
+    return model, cfg, payload
+
+
+def latest_run(root: str | os.PathLike = "outputs") -> Path:
+    """The most recently written run folder under ``root`` (for `make eval` without RUN=)."""
+    runs = [p.parent for p in Path(root).glob(f"**/{CONFIG}") if (p.parent / "checkpoints").is_dir()]
+    if not runs:
+        raise UserError(f"no training run under {root}/; run `make train` first or pass run_dir=PATH")
+    return max(runs, key=lambda p: (p / CONFIG).stat().st_mtime)
