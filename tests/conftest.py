@@ -23,3 +23,30 @@ def tiny_unetr() -> UNETR:
 def volume() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(2, 1, 32, 32, 32)
+
+
+def write_official_dataset(root, n: int = 6, shape=(40, 36, 32), spacing=(1.5, 1.5, 2.0)):
+    """A learnable toy cohort in the official layout: a bright box (label 1) in noise; sub1-3 train, sub4 val, rest test."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([*spacing, 1.0])
+    for i in range(1, n + 1):
+        label = np.zeros(shape, np.uint8)
+        x0, y0, z0 = rng.integers(6, 16, size=3)
+        label[x0 : x0 + 10, y0 : y0 + 9, z0 : z0 + 8] = 1
+        image = (rng.normal(0.0, 0.3, shape) + 1.0 + 2.0 * label).astype(np.float32)
+        case = root / f"sub{i}"
+        case.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(image, affine), case / f"sub{i}_img.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), case / f"sub{i}_mask.nii.gz")
+    (root / "train.txt").write_text("sub1\nsub2\nsub3\n")
+    (root / "valid.txt").write_text("sub4\n")
+    (root / "test.txt").write_text("".join(f"sub{i}\n" for i in range(5, n + 1)))
+    return root
+
+
+@pytest.fixture
+def official_dataset(tmp_path):
+    return write_official_dataset(tmp_path / "toy")

@@ -26,6 +26,7 @@ __all__ = [
     "adapter_state_dict",
     "load_adapter_state_dict",
     "adapter_layers",
+    "merged_state_dict",
     "count_trainable",
     "TCURLoRAConfig",
 ]
@@ -77,6 +78,30 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     for layer in adapter_layers(model):
         layer.unmerge()
     return model
+
+
+def _is_adapter_tensor(name: str) -> bool:
+    return any(part.startswith("tcur_") for part in name.split("."))
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fine-tuned model as a plain UNETR state dict (ΔW folded in, adapter tensors dropped), on CPU.
+
+    Loadable into a fresh UNETR without this package's adapters; the model's own merge state is left as it was.
+    """
+    _config(model)
+    unmerged = [layer for layer in adapter_layers(model) if not layer.merged]
+    for layer in unmerged:
+        layer.merge()
+    try:
+        return {
+            name.replace(".base_layer", ""): tensor.detach().cpu().clone()
+            for name, tensor in model.state_dict().items()
+            if not _is_adapter_tensor(name)
+        }
+    finally:
+        for layer in unmerged:
+            layer.unmerge()
 
 
 def adapter_state_dict(model: nn.Module) -> dict:

@@ -77,7 +77,10 @@ def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.M
     if pretrained and cfg.model.get("pretrained"):
         report = load_pretrained(model, cfg.model.pretrained)
     name, options = _peft_options(cfg, report)
-    apply_adapter(model, name, **options)
+    try:
+        apply_adapter(model, name, **options)
+    except ValueError as err:  # a bad peft.* option: the message names the key
+        raise UserError(str(err)) from err
     return model, report
 
 

@@ -230,3 +230,15 @@ def test_bad_options_raise_value_error_naming_the_key(tiny_unetr, options, match
 def test_unknown_adapter_name_lists_choices(tiny_unetr):
     with pytest.raises(ValueError, match="tcurlora"):
         apply_adapter(tiny_unetr, "tcurlorra")
+
+
+def test_merged_state_dict_loads_into_a_plain_unetr(tiny_unetr, volume):
+    from tcurlora_seg.adapters import merged_state_dict
+
+    apply_adapter(tiny_unetr, "tcurlora", rank=4)
+    randomise_core(tiny_unetr)
+    expected = outputs(tiny_unetr, volume)
+    plain = make_tiny_unetr(seed=5)
+    plain.load_state_dict(merged_state_dict(tiny_unetr))  # strict: same keys as a plain UNETR
+    torch.testing.assert_close(outputs(plain, volume), expected, atol=1e-4, rtol=1e-4)
+    assert not any(layer.merged for layer in adapter_layers(tiny_unetr))  # left unmerged as it was

@@ -1,0 +1,206 @@
+"""Ignite/MONAI event handlers that MONAI does not ship in the form this app needs.
+
+- ``CaseMetrics``: per-case Dice (%) and HD95 (mm, with the label's spacing and the empty-mask policy of
+  ``engine.metrics``) on the evaluator, aggregated per validation round; keeps the first case for image logging.
+- ``RunCheckpoints``: atomic adapter-only checkpoints (last / best / last K epochs), and one on Ctrl-C.
+- ``FiniteLoss``: stop at the first NaN/Inf loss with a message naming epoch and iteration.
+- ``TensorBoardValidation``: val/dice, val/hd95, lr and an image | label | prediction mid-slice in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from tcurlora_seg.adapters import adapter_state_dict
+from tcurlora_seg.engine.metrics import case_metrics, summarize
+from tcurlora_seg.engine.run import FORMAT
+from tcurlora_seg.errors import UserError
+from tcurlora_seg.models.checkpoint import save_checkpoint
+
+log = logging.getLogger("tcurlora_seg")
+
+__all__ = ["CaseMetrics", "RunCheckpoints", "FiniteLoss", "TensorBoardValidation", "spacing_of", "first_loss", "overlay"]
+
+
+def spacing_of(tensor: Any) -> tuple[float, ...]:
+    """Voxel spacing (mm) of a MetaTensor, from its affine; 1 mm when it carries none."""
+    affine = getattr(tensor, "affine", None)
+    if affine is None:
+        return (1.0, 1.0, 1.0)
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    return tuple(float(v) for v in torch.linalg.vector_norm(affine[:3, :3], dim=0))
+
+
+class CaseMetrics:
+    """Dice and HD95 of every validation case; ``engine.state.metrics`` gets ``dice`` and ``hd95`` (foreground means)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.cases: list[dict] = []
+        self.first: dict[str, np.ndarray] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._aggregate)
+
+    def _reset(self, engine: Engine) -> None:
+        self.cases, self.first = [], None
+
+    def _update(self, engine: Engine) -> None:
+        for item in engine.state.output:  # decollated: one dict per case
+            pred = item["pred"].detach().cpu()  # (1, D, H, W) class indices (AsDiscrete argmax)
+            label = item["label"].detach().cpu()
+            self.cases.append(case_metrics(pred[0].numpy(), label[0].numpy(), spacing_of(label), self.num_classes,
+                                           case_id=str(len(self.cases))))
+            if self.first is None:
+                self.first = {"image": item["image"].detach().cpu()[0].numpy(), "label": label[0].numpy(), "pred": pred[0].numpy()}
+
+    def _aggregate(self, engine: Engine) -> None:
+        if not self.cases:
+            return
+        fg = summarize(self.cases)["foreground_mean"]
+        engine.state.metrics["dice"] = float(fg["Dice"])
+        engine.state.metrics["hd95"] = float(fg["HD95"])
+
+
+class FiniteLoss:
+    """Raise at the first non-finite loss: the last checkpoint on disk is then the last good state."""
+
+    def __init__(self, checkpoints: Path) -> None:
+        self.checkpoints = checkpoints
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loss = first_loss(engine.state.output)
+        if not math.isfinite(loss):
+            raise UserError(
+                f"loss became {loss} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+                f"last good checkpoint in {self.checkpoints}; lower optim.lr or use trainer.precision=fp32, then resume"
+            )
+
+
+class RunCheckpoints:
+    """Checkpoints of a run folder (layout in ``engine.run``), written atomically, adapter-only except last.pt.
+
+    ``last.pt`` (with optimizer, scheduler and engine counters) every ``interval`` epochs, at the end and on Ctrl-C;
+    ``best.pt`` when the evaluator's Dice improves; ``epoch_NNNN.pt`` for the last ``keep_last`` epochs.
+    """
+
+    def __init__(self, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 config: dict, interval: int, keep_last: int, evaluator: Engine | None) -> None:
+        self.folder = run_dir / "checkpoints"
+        self.model, self.optimizer, self.scheduler, self.config = model, optimizer, scheduler, config
+        self.interval, self.keep_last, self.evaluator = max(1, interval), keep_last, evaluator
+        self.best: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._validated, engine)
+
+    def payload(self, engine: Engine, full: bool) -> dict:
+        # Counters of the last completed epoch: a run stopped mid-epoch resumes at the next whole epoch (the
+        # weights keep the extra steps), so the epoch/iteration bookkeeping of the engine stays consistent.
+        epoch = engine.state.iteration // engine.state.epoch_length
+        payload = {"format": FORMAT, "epoch": epoch, "iteration": epoch * engine.state.epoch_length,
+                   "metric": self.best, "config": self.config, "adapter": adapter_state_dict(self.model)}
+        if full:
+            payload.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+        return payload
+
+    def save(self, engine: Engine, name: str, full: bool = False) -> Path:
+        return save_checkpoint(self.folder / f"{name}.pt", self.payload(engine, full))
+
+    def _epoch_completed(self, engine: Engine) -> None:
+        epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
+        if epoch > max_epochs - self.keep_last:
+            self.save(engine, f"epoch_{epoch:04d}")
+            for old in sorted(self.folder.glob("epoch_*.pt"))[: -self.keep_last]:
+                old.unlink()
+        if epoch % self.interval == 0 and epoch < max_epochs:
+            self.save(engine, "last", full=True)
+
+    def _validated(self, evaluator: Engine, trainer: Engine) -> None:
+        dice, hd95 = evaluator.state.metrics.get("dice"), evaluator.state.metrics.get("hd95")
+        if dice is None:
+            return
+        if self.best is None or dice > self.best:
+            self.best = float(dice)
+            self.save(trainer, "best")
+        log.info(f"epoch {trainer.state.epoch}: validation Dice {dice:.2f} %, HD95 {hd95:.2f} mm (best Dice {self.best:.2f} %)")
+
+    def _completed(self, engine: Engine) -> None:
+        self.save(engine, "last", full=True)
+        if not (self.folder / "best.pt").is_file():  # no validation split: the final state is the one to use
+            self.save(engine, "best")
+
+    def _exception(self, engine: Engine, error: BaseException) -> None:
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C: keep the work; a NaN or a crash must not overwrite it
+            path = self.save(engine, "last", full=True)
+            log.info(f"interrupted in epoch {engine.state.epoch}, iteration {engine.state.iteration}; saved {path}")
+        raise error
+
+    def restore(self, engine: Engine, payload: dict) -> None:
+        """Continue a run from ``last.pt``: optimizer, scheduler and engine counters (the adapter is loaded by the caller)."""
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.best = payload.get("metric")
+        engine.state.epoch = int(payload["epoch"])
+        engine.state.iteration = int(payload["iteration"])
+
+
+class TensorBoardValidation:
+    """val/dice, val/hd95 per validation round, train/lr per iteration, and a mid-slice overlay of the first case."""
+
+    def __init__(self, writer: Any, metrics: CaseMetrics, trainer: Engine, optimizer: torch.optim.Optimizer,
+                 log_images: bool) -> None:
+        self.writer, self.metrics, self.trainer, self.optimizer, self.log_images = writer, metrics, trainer, optimizer, log_images
+
+    def attach(self, evaluator: Engine) -> None:
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._validation)
+        self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._lr)
+
+    def _lr(self, trainer: Engine) -> None:
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], trainer.state.iteration)
+
+    def _validation(self, evaluator: Engine) -> None:
+        epoch = self.trainer.state.epoch
+        for name in ("dice", "hd95"):
+            if name in evaluator.state.metrics:
+                self.writer.add_scalar(f"val/{name}", evaluator.state.metrics[name], epoch)
+        if self.log_images and self.metrics.first is not None:
+            self.writer.add_image("val/image_label_prediction", overlay(**self.metrics.first), epoch, dataformats="HWC")
+        self.writer.flush()
+
+
+def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Three panels of the slice with most label (axis 2): image | label in green | prediction in red, (H, 3W, 3)."""
+    z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label.any() else label.shape[2] // 2
+    img = image[:, :, z].astype(np.float32)
+    img = (img - img.min()) / (np.ptp(img) + 1e-8)
+    gray = np.repeat(img[..., None], 3, axis=-1)
+
+    def tint(mask: np.ndarray, channel: int) -> np.ndarray:
+        out = gray.copy()
+        out[mask > 0] = 0.5 * out[mask > 0]
+        out[mask > 0, channel] += 0.5
+        return out
+
+    return np.concatenate([gray, tint(label[:, :, z], 1), tint(pred[:, :, z], 0)], axis=1)
+
+
+def first_loss(output: Any) -> float:
+    """The loss of a SupervisedTrainer iteration output (decollated list or dict)."""
+    return float(output[0]["loss"] if isinstance(output, list) else output["loss"])

@@ -1,0 +1,113 @@
+"""Fine-tune a pretrained UNETR with tCURLoRA (or a rival) and evaluate it.
+
+    python -m tcurlora_seg.train                                  # the embedded demo, offline, CPU, minutes
+    python -m tcurlora_seg.train +experiment=brats data.root=PATH # the paper's source pretraining
+    python -m tcurlora_seg.train +experiment=eadc data.root=PATH model.pretrained=PATH/source_unetr.pt
+    python -m tcurlora_seg.train peft.rank=16 optim.lr=5e-4 trainer.max_epochs=200 data.roi_size=[64,64,64]
+    python -m tcurlora_seg.train -m peft.rank=4,8,16 seed=0,1,2   # Hydra multirun sweep
+    python -m tcurlora_seg.train trainer.resume=true [trainer.run_dir=outputs/...]   # continue the latest run
+    tensorboard --logdir outputs
+
+Each run writes a folder under outputs/ (layout in ``tcurlora_seg.engine.run``); errors a user can fix print one
+line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tcurlora_seg.cli import precheck_overrides, user_errors
+from tcurlora_seg.errors import UserError
+
+log = logging.getLogger("tcurlora_seg")
+
+
+def ensure_pretrained(cfg: DictConfig) -> None:
+    """Run ``pretrain_experiment`` when ``model.pretrained`` is missing (the demo creates its source model once)."""
+    path = cfg.model.get("pretrained")
+    if not path or Path(path).is_file():
+        return
+    experiment = cfg.get("pretrain_experiment")
+    if not experiment:
+        raise UserError(f"model.pretrained={path}: file not found; pass the source model's checkpoint (or model.pretrained=null to train from scratch)")
+    log.info(f"{path} not found: pretraining it first with +experiment={experiment}")
+    command = [sys.executable, "-m", "tcurlora_seg.train", f"+experiment={experiment}", f"seed={cfg.seed}",
+               f"trainer.device={cfg.trainer.device}", f"trainer.progress={cfg.trainer.progress}"]
+    if subprocess.run(command).returncode != 0 or not Path(path).is_file():
+        raise UserError(f"pretraining with +experiment={experiment} did not produce {path}; see its output above")
+
+
+def _resume_target(cfg: DictConfig, new_dir: Path) -> Path:
+    from tcurlora_seg.engine.run import latest_run
+
+    target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else latest_run("outputs")
+    if target.resolve() != new_dir.resolve() and not (new_dir / "config.yaml").exists():
+        shutil.rmtree(new_dir, ignore_errors=True)  # Hydra's fresh folder for this call: the run continues elsewhere
+    return target
+
+
+def export(model, cfg: DictConfig, path: str) -> Path:
+    """The merged model as a plain UNETR checkpoint (usable as model.pretrained of a later run)."""
+    from tcurlora_seg.adapters import merged_state_dict
+    from tcurlora_seg.models.checkpoint import save_checkpoint
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    out = save_checkpoint(Path(path), {"model": merged_state_dict(model), "config": config})
+    log.info(f"exported the merged model to {out}")
+    return out
+
+
+def run(cfg: DictConfig) -> None:
+    from tcurlora_seg.engine.run import checkpoint_path, load_run_config
+    from tcurlora_seg.engine.trainer import fit
+    from tcurlora_seg.models.checkpoint import load_checkpoint
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume = None
+    if cfg.trainer.resume:
+        run_dir = _resume_target(cfg, run_dir)
+        resume = load_checkpoint(checkpoint_path(run_dir, "last"))
+        cfg = load_run_config(run_dir)  # the run continues with the config it started with
+        if resume["epoch"] >= cfg.trainer.max_epochs:
+            log.info(f"{run_dir} already finished its {cfg.trainer.max_epochs} epochs")
+            return
+    else:
+        ensure_pretrained(cfg)
+    try:
+        result = fit(cfg, run_dir, resume)
+    except KeyboardInterrupt:
+        print(f"stopped by Ctrl-C; continue with: python -m tcurlora_seg.train trainer.resume=true trainer.run_dir={run_dir}",
+              file=sys.stderr)
+        sys.exit(130)
+    if cfg.get("export_model"):
+        export(result["model"], cfg, cfg.export_model)
+    best = result["best_dice"]
+    log.info(f"finished epoch {result['epoch']} in {run_dir}" + (f"; best validation Dice {best:.2f} %" if best is not None else ""))
+    if cfg.trainer.evaluate:
+        from tcurlora_seg.engine.evaluate import evaluate_run
+
+        evaluate_run(run_dir)
+    print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir / 'tensorboard'}\n  make eval RUN={run_dir}")
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@user_errors
+def _main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    precheck_overrides("train", sys.argv[1:])
+    _main()
+
+
+if __name__ == "__main__":
+    main()

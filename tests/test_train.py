@@ -1,0 +1,108 @@
+"""End to end through the real entry point (a subprocess, as a user runs it) on a toy cohort and a tiny UNETR."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcurlora_seg.engine.run import restore_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_run(root: Path, *extra: str) -> list[str]:
+    return [
+        "data=official", f"data.root={root}", "data.roi_size=[32,32,32]", "data.batch_size=2", "data.num_workers=0",
+        "data.cache=none", "model=unetr_tiny", "model.pretrained=null", "peft.rank=2", "trainer.max_epochs=2",
+        "trainer.epoch_length=2", "trainer.val_interval=1", "trainer.sw_batch_size=2", "trainer.progress=false",
+        "trainer.evaluate=false", "trainer.device=cpu", "trainer.checkpoint_interval=1", *extra,
+    ]
+
+
+def train(cwd: Path, *args: str, wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "tcurlora_seg.train", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def only_run(cwd: Path) -> Path:
+    runs = [p.parent for p in (cwd / "outputs").glob("**/config.yaml") if p.parent.name != ".hydra"]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_training_writes_a_complete_run_folder(tmp_path, official_dataset):
+    result = train(tmp_path, *tiny_run(official_dataset))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = only_run(tmp_path)
+    names = {p.name for p in (run / "checkpoints").iterdir()}
+    assert {"last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"} <= names
+    assert (run / "split.json").is_file() and list((run / "tensorboard").glob("events.*"))
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["iteration"] == 4 and "optimizer" in last
+    assert 0.0 <= last["metric"] <= 100.0  # validation Dice (%) of the best epoch
+    assert set(last["adapter"]["state_dict"]) >= {"tcur_groups.attn.tcur_U", "decoder2.transp_conv.conv.weight"}
+    # the run rebuilds into the trained model: U moved away from zero
+    model, cfg, _ = restore_model(run, "last")
+    assert cfg.peft.rank == 2 and model.tcur_groups["attn"].tcur_U.abs().sum() > 0
+
+
+def test_ctrl_c_saves_and_resume_continues_to_the_last_epoch(tmp_path, official_dataset):
+    args = tiny_run(official_dataset, "trainer.max_epochs=40", "trainer.val_interval=100")
+    process = train(tmp_path, *args, wait=False)
+    deadline = time.time() + 300
+    while not list((tmp_path / "outputs").glob("**/checkpoints/last.pt")):
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "trainer.resume=true" in stderr.splitlines()[-1]
+    run = only_run(tmp_path)
+    stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= stopped < 40
+
+    resumed = train(tmp_path, "trainer.resume=true", f"trainer.run_dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at epoch {stopped + 1} of 40" in resumed.stderr + resumed.stdout
+    final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert final["epoch"] == 40 and final["iteration"] == 80
+    assert only_run(tmp_path) == run  # no second run folder
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["data=official", "data.root=does/not/exist"], "data/README.md"),
+        (["trainer.max_epoch=3"], "max_epoch"),
+        (["peft.rank=0", "model.pretrained=null"], "peft.rank"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, args, needle):
+    result = train(tmp_path, *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_shape_mismatched_checkpoint_exits_2(tmp_path, official_dataset):
+    from tests.conftest import make_tiny_unetr
+
+    wrong = make_tiny_unetr(hidden_size=64, num_heads=4, mlp_dim=128)
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in wrong.state_dict().items()}, "optim_dict": {}},
+               tmp_path / "wrong.pth")
+    result = train(tmp_path, *tiny_run(official_dataset, f"model.pretrained={tmp_path / 'wrong.pth'}"))
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "wrong.pth" in error[0] and "hidden_size" in error[0]
