@@ -6,7 +6,7 @@ FORMAT), from the real configs composed with Hydra, with the tiny UNETR at 32³ 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +24,14 @@ CONFIGS = REPO / "configs"
 # 2 mm voxels, axes flipped and permuted, an offset: a grid on which mixing up voxel order or affine shows
 AFFINE = np.array([[-2.0, 0, 0, 40], [0, 0, 2.0, -30], [0, 2.0, 0, -20], [0, 0, 0, 1]])
 SHAPE = (36, 24, 20)  # larger than the 32³ window on one axis: more than one window
+
+
+def one_thread() -> Iterator[None]:
+    """Use as a fixture body: the tiny model runs 2-3x faster on one thread on a small shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_scan(path: Path, seed: int, shape: Sequence[int] = SHAPE, affine: np.ndarray = AFFINE) -> tuple[Path, Path]:
