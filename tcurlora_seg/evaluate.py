@@ -14,16 +14,21 @@ Keys: configs/eval.yaml. Errors are one line on stderr with exit code 2.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from tcurlora_seg.cli import one_line_errors, run_entry
+from tcurlora_seg.errors import UserError
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    from tcurlora_seg.engine.evaluate import evaluate_run  # heavy imports after the config is known to be valid
+    if cfg.run_dir is not None and not (Path(cfg.run_dir) / "config.yaml").is_file():  # before seconds of imports
+        raise UserError(f"run_dir={cfg.run_dir}: no config.yaml; point run_dir at a folder written by tcurlora_seg.train")
+    from tcurlora_seg.engine.evaluate import evaluate_run  # heavy imports (seconds) once the config is known to be valid
     from tcurlora_seg.engine.run import latest_run
 
     evaluate_run(

@@ -16,18 +16,17 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tcurlora_seg.cli import one_line_errors, run_entry
+from tcurlora_seg.errors import UserError
 
 
 @hydra.main(config_path="../configs", config_name="predict", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    from tcurlora_seg.engine.predict import predict  # heavy imports after the config is known to be valid
-    from tcurlora_seg.engine.run import latest_run
-    from tcurlora_seg.errors import UserError
-
     for key in ("input", "output"):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key} is not set: pass {key}=PATH (input: a .nii/.nii.gz file or a folder; output: a folder)")
+    from tcurlora_seg.engine.predict import predict  # heavy imports (seconds) once the config is known to be valid
+    from tcurlora_seg.engine.run import latest_run
 
     written = predict(
         cfg.run_dir if cfg.run_dir is not None else latest_run("outputs"),
