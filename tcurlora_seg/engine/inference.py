@@ -49,7 +49,7 @@ def _number(value: Any, key: str, kind: type = float) -> Any:
         if isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
             raise ValueError
         return kind(float(value)) if kind is int else kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"{key}={value!r}: expected a number ({kind.__name__})") from None
 
 
@@ -58,7 +58,7 @@ def device_for(name: str) -> torch.device:
     try:
         return resolve_device(str(name))
     except UserError as err:  # resolve_device names trainer.device; here the key is plain `device`
-        raise UserError(str(err).replace("trainer.device", "device").replace("use trainer.device", "use device")) from None
+        raise UserError(str(err).replace("trainer.device", "device")) from None
 
 
 def select_checkpoints(run_dir: str | os.PathLike, checkpoint: str = "best", average_last: int | None = None) -> list[str]:
@@ -168,11 +168,8 @@ class Segmenter:
     def probabilities(self, image: MetaTensor) -> MetaTensor:
         """Softmax (classes, D', H', W') on the model grid, averaged over the models, on the CPU; keeps ``image``'s metadata."""
         batch = image.as_tensor()[None].float()  # (1, C_in, D', H', W')
-        total = torch.zeros(0)
-        for model in self.models:
-            logits = self.inferer(batch, model)  # (1, classes, D', H', W') on the CPU
-            prob = torch.softmax(logits.float(), dim=1)[0]
-            total = prob if total.numel() == 0 else total + prob
+        # one model's output at a time: (1, classes, D', H', W') logits on the CPU -> (classes, D', H', W')
+        total = sum(torch.softmax(self.inferer(batch, model).float(), dim=1)[0] for model in self.models)
         mean = total / len(self.models)
         # the image's applied_operations are what Invertd undoes to get back to the file's grid
         return MetaTensor(mean, meta=dict(image.meta), applied_operations=list(image.applied_operations))
