@@ -1,70 +1,72 @@
-"""What every entry point shares: Hydra with one-line errors and exit code 2 for anything the user can fix.
+"""Entry-point plumbing: every user-fixable error becomes one line ``error: <message>`` on stderr and exit code 2.
 
-Hydra prints multi-line reports for a bad override; we compose the config first with the same overrides, so an
-unknown key or a bad value becomes ``error: <one line>`` and exit code 2, before any work starts.
+Two places raise them. Inside the job (``@one_line_errors`` under ``@hydra.main``): our UserError and OmegaConf
+errors such as a missing mandatory ``???`` value; exiting there also keeps Hydra from printing its "Error executing
+job" banner. Before the job, while Hydra composes the config (an unknown key, a bad override, a missing config
+group): Hydra prints those itself over several lines and exits with 1 unless ``HYDRA_FULL_ERROR`` is set, in which
+case it re-raises; :func:`run_entry` sets it for the call and reports them. A user who sets ``HYDRA_FULL_ERROR=1``
+themselves gets Hydra's full traceback for composition errors, as Hydra documents.
+
+    @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+    @one_line_errors
+    def main(cfg): ...
+
+    if __name__ == "__main__":
+        run_entry(main)
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from hydra.errors import HydraException
-from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from tcurlora_seg.errors import UserError
 
-__all__ = ["CONFIG_DIR", "one_line", "fail", "user_errors", "precheck_overrides"]
+__all__ = ["ERRORS", "one_line", "one_line_errors", "run_entry"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-EXIT_USER = 2
+ERRORS = (UserError, HydraException, OmegaConfBaseException)
+_ENV = "HYDRA_FULL_ERROR"
 
 
 def one_line(err: BaseException) -> str:
-    """The message of ``err`` and of its causes, each reduced to its first line."""
-    parts, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        text = str(err).strip().splitlines()
-        if text and text[0] not in parts:
-            parts.append(text[0])
-        err = err.__cause__ or err.__context__
-    return "; ".join(parts) or "unknown error"
+    """The message of ``err`` on one line (Hydra and OmegaConf messages span several)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER)
+def _exit(err: BaseException) -> NoReturn:
+    print(f"error: {one_line(err)}", file=sys.stderr)
+    sys.exit(2)
 
 
-def precheck_overrides(config_name: str, argv: list[str]) -> None:
-    """Compose ``config_name`` with the command line's overrides; one line and exit 2 when that fails."""
-    if any(a in ("-m", "--multirun") or a.startswith("--") or a == "-c" for a in argv):
-        return  # sweeps and Hydra flags: Hydra itself validates them
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra")]
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        fail(f"{one_line(err)} (configs in {CONFIG_DIR.name}/{config_name}.yaml; `+key=value` adds a new key)")
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def user_errors(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
-    """Wrap a Hydra task function: UserError and config errors become one line and exit code 2."""
+def one_line_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a Hydra task function: a UserError or config error exits with code 2 and one line on stderr."""
 
     @functools.wraps(task)
-    def wrapped(cfg: DictConfig) -> None:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            task(cfg)
-        except (UserError, OmegaConfBaseException) as err:
-            fail(one_line(err))
+            return task(*args, **kwargs)
+        except ERRORS as err:
+            _exit(err)
 
-    return wrapped
+    return wrapper
+
+
+def run_entry(main: Callable[[], None]) -> None:
+    """Call a ``@hydra.main`` function so that composition errors, too, are one line and exit code 2."""
+    if os.environ.get(_ENV):
+        main()
+        return
+    os.environ[_ENV] = "1"  # make Hydra raise instead of printing its multi-line report and exiting with 1
+    try:
+        main()
+    except ERRORS as err:
+        _exit(err)
+    finally:
+        os.environ.pop(_ENV, None)

@@ -24,7 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tcurlora_seg.cli import precheck_overrides, user_errors
+from tcurlora_seg.cli import one_line_errors, run_entry
 from tcurlora_seg.errors import UserError
 
 log = logging.getLogger("tcurlora_seg")
@@ -99,15 +99,10 @@ def run(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-@user_errors
-def _main(cfg: DictConfig) -> None:
+@one_line_errors
+def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
-def main() -> None:
-    precheck_overrides("train", sys.argv[1:])
-    _main()
-
-
 if __name__ == "__main__":
-    main()
+    run_entry(main)

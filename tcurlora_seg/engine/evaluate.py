@@ -1,0 +1,126 @@
+"""Evaluate a training run on a split: Dice (%) and HD95 (mm) per case, the summary, predicted labels.
+
+Protocol (DESIGN §2 and §5): the run's model(s) with merged adapters, sliding window with gaussian blending, softmax
+averaged over ``average_last`` epoch checkpoints (paper: 4), argmax, removal of components below
+``min_component_mm3`` (paper: 1000 mm³), see ``engine/inference.py``.
+
+Grid of the scores: the label file's own voxel grid, as stored. When the run's data config reorients or resamples
+(``data.orientation`` / ``data.spacing``), the averaged probabilities are inverted onto the image file's grid with
+MONAI ``Invertd`` before the argmax; the reference is the label file loaded without any spatial transform (only
+``data.label_map``), and the spacing for HD95 and the component volumes is the label header's.
+
+Writes into ``run_dir/eval/``: ``metrics.csv`` (one row per case), ``summary.json`` (``engine.metrics.summarize``
+plus ``evaluation``: the settings and checkpoints used), ``predictions/<id>.nii.gz`` (uint8, the input's affine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai import transforms as mt
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from tcurlora_seg.data.layouts import load_cases
+from tcurlora_seg.data.splits import SPLITS
+from tcurlora_seg.data.transforms import label_mapping
+from tcurlora_seg.engine.inference import Segmenter, select_checkpoints, voxel_spacing, write_mask
+from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize, write_metrics_csv
+from tcurlora_seg.engine.run import load_run_config
+from tcurlora_seg.errors import UserError
+
+__all__ = ["evaluate_run", "load_reference"]
+
+GRID = "label file grid as stored (predictions inverted from the model grid with MONAI Invertd when data.orientation/spacing resample)"
+
+
+def load_reference(path: str | os.PathLike, cfg_data: dict[str, Any]) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The label file on its own grid with ``data.label_map`` applied: an int16 (D, H, W) map and its spacing in mm."""
+    chain: list[mt.Transform] = [mt.LoadImage(image_only=True), mt.EnsureChannelFirst()]
+    mapping = label_mapping(cfg_data)
+    if mapping is not None:
+        chain.append(mt.MapLabelValue(orig_labels=mapping[0], target_labels=mapping[1]))
+    label = mt.Compose(chain)(os.fspath(path))
+    return np.rint(label.numpy()[0]).astype(np.int16), voxel_spacing(label.affine)
+
+
+def _cases(cfg_data: dict[str, Any], split: str, run_dir: Path) -> list[dict[str, Any]]:
+    if split not in SPLITS:
+        raise UserError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+    cases = load_cases(cfg_data)[split]
+    if not cases:
+        raise UserError(
+            f"data.split in {run_dir / 'config.yaml'} gives no {split} cases (data.root={cfg_data.get('root')}); "
+            f"evaluate another split (split=val) or list the cases (data.split.{split} / its list file)"
+        )
+    return cases
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    *,
+    checkpoint: str = "best",
+    average_last: int | None = None,
+    min_component_mm3: float | None = None,
+    overlap: float | None = None,
+    split: str = "test",
+    save_predictions: bool = True,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``run_dir`` on ``split``; write ``eval/`` files, print the Markdown table, return the summary.
+
+    Args:
+        run_dir: a run folder (``engine/run.py``): ``config.yaml`` supplies data and model.
+        checkpoint: best | last | epoch_NNNN | a .pt path; ignored when ``average_last`` > 1.
+        average_last: K > 1 averages the softmax of the last K kept ``epoch_*.pt`` (paper: 4); None or 1: one checkpoint.
+        min_component_mm3: remove predicted components smaller than this (paper: 1000); None or 0 keeps them all.
+        overlap: sliding-window overlap (None: 0.5, gaussian blending).
+        split: train | val | test, from the run's data config.
+        save_predictions: write ``eval/predictions/<id>.nii.gz``.
+        device: auto | cpu | cuda | cuda:N for the windows; volumes are stitched on the CPU.
+        progress: a tqdm bar on stderr.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    cfg_data = OmegaConf.to_container(cfg.data, resolve=True)
+    cases = _cases(cfg_data, split, run_dir)
+    names = select_checkpoints(run_dir, checkpoint, average_last)
+    segmenter = Segmenter.from_run(run_dir, names, overlap=overlap, min_component_mm3=min_component_mm3, device=device)
+
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    per_case = []
+    bar = tqdm(cases, desc=f"eval {split}", unit="case", disable=not progress)
+    for case in bar:
+        mask, _ = segmenter.segment(case["image"])
+        reference, spacing = load_reference(case["label"], cfg_data)
+        result = case_metrics(mask, reference, spacing, segmenter.num_classes, case_id=case["id"])
+        per_case.append(result)
+        bar.set_postfix(dice=f"{np.mean([m['Dice'] for m in result['metrics'].values()]):.1f}")
+        if save_predictions:
+            image = case["image"] if isinstance(case["image"], str) else case["image"][0]
+            write_mask(out / "predictions" / f"{case['id']}.nii.gz", mask, image)
+
+    summary = summarize(per_case)
+    summary["evaluation"] = {
+        "run_dir": str(run_dir),
+        "split": split,
+        "n_cases": len(per_case),
+        "checkpoints": segmenter.checkpoints,
+        "average_last": len(names) if len(names) > 1 else 1,
+        "overlap": segmenter.inferer.overlap,
+        "blend_mode": "gaussian",
+        "roi_size": list(segmenter.inferer.roi_size),
+        "min_component_mm3": segmenter.min_component_mm3,
+        "grid": GRID,
+        "device": str(segmenter.device),
+    }
+    write_metrics_csv(out / "metrics.csv", per_case)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(markdown_table(summary), end="")
+    return summary

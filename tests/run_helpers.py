@@ -1,0 +1,103 @@
+"""Helpers for evaluation / prediction tests: a tiny dataset in the official layout and a fabricated run folder.
+
+The run folder is written exactly as ``engine/run.py`` documents (config.yaml + checkpoints/{best,epoch_NNNN}.pt in
+FORMAT), from the real configs composed with Hydra, with the tiny UNETR at 32³ and random (non-zero) adapter weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from tcurlora_seg.adapters import adapter_state_dict
+from tcurlora_seg.engine.run import FORMAT, build_model, save_run_config
+from tcurlora_seg.models import save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# 2 mm voxels, axes flipped and permuted, an offset: a grid on which mixing up voxel order or affine shows
+AFFINE = np.array([[-2.0, 0, 0, 40], [0, 0, 2.0, -30], [0, 2.0, 0, -20], [0, 0, 0, 1]])
+SHAPE = (36, 24, 20)  # larger than the 32³ window on one axis: more than one window
+
+
+def one_thread() -> Iterator[None]:
+    """Use as a fixture body: the tiny model runs 2-3x faster on one thread on a small shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_scan(path: Path, seed: int, shape: Sequence[int] = SHAPE, affine: np.ndarray = AFFINE) -> tuple[Path, Path]:
+    """An image (noise inside a box) and its label (a block) next to each other: ``<stem>_img`` / ``<stem>_mask``."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros(shape, dtype=np.float32)
+    image[2:-2, 2:-2, 2:-2] = rng.uniform(1.0, 2.0, size=tuple(s - 4 for s in shape))
+    label = np.zeros(shape, dtype=np.uint8)
+    label[8:20, 6:14, 5:12] = 1
+    image[label == 1] += 1.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img_path = path.parent / f"{path.name}_img.nii.gz"
+    mask_path = path.parent / f"{path.name}_mask.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), img_path)
+    nib.save(nib.Nifti1Image(label, affine), mask_path)
+    return img_path, mask_path
+
+
+def make_dataset(root: Path, lists: dict[str, list[int]]) -> Path:
+    """Subjects of ``lists`` in the official layout with train.txt / valid.txt / test.txt."""
+    names = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
+    for split, ids in lists.items():
+        for i in ids:
+            write_scan(root / f"sub{i}" / f"sub{i}", seed=i)
+        (root / names[split]).write_text("".join(f"sub{i}\n" for i in ids))
+    return root
+
+
+def compose_run_config(data_root: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """configs/train.yaml with the tiny model on the official layout."""
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return compose(
+            "train",
+            overrides=[
+                "model=unetr_tiny",
+                "data=official",
+                f"data.root={data_root}",
+                "data.roi_size=[32,32,32]",
+                "data.num_workers=0",
+                "peft.rank=2",
+                "model.pretrained=null",
+                "trainer.sw_batch_size=2",
+                *overrides,
+            ],
+        )
+
+
+def make_run(run_dir: Path, data_root: Path, overrides: Sequence[str] = (), epochs: Sequence[int] = (1, 2)) -> Path:
+    """A run folder: config.yaml, checkpoints/best.pt and one ``epoch_NNNN.pt`` per epoch, each with other weights."""
+    cfg = compose_run_config(data_root, overrides)
+    save_run_config(cfg, run_dir)
+    model, _ = build_model(cfg)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    names = ["best"] + [f"epoch_{e:04d}" for e in epochs]
+    for seed, name in enumerate(names):
+        generator = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():  # U starts at zero: move it (and the decoder) so that the checkpoints differ
+            for p in trained:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        payload = {
+            "format": FORMAT,
+            "epoch": seed + 1,
+            "iteration": seed + 1,
+            "metric": None,
+            "config": cfg,
+            "adapter": adapter_state_dict(model),
+        }
+        save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", payload)
+    return run_dir
