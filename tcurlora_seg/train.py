@@ -65,6 +65,21 @@ def export(model, cfg: DictConfig, path: str) -> Path:
     return out
 
 
+def evaluate(cfg: DictConfig, run_dir: Path) -> None:
+    """The test split with the best checkpoint (and, when kept, the model before fine-tuning, for comparison)."""
+    from tcurlora_seg.engine.evaluate import evaluate_run
+
+    before = None
+    if (run_dir / "checkpoints" / "pretrained.pt").is_file():
+        log.info("evaluating the model before fine-tuning (zero adapter = the pretrained source model)")
+        before = evaluate_run(run_dir, checkpoint="pretrained", out_dir=run_dir / "eval_pretrained",
+                              save_predictions=False, progress=bool(cfg.trainer.progress))
+    after = evaluate_run(run_dir, progress=bool(cfg.trainer.progress))
+    if before is not None:
+        print(f"test Dice (foreground mean): before fine-tuning {before['foreground_mean']['Dice']:.2f} %, "
+              f"after {after['foreground_mean']['Dice']:.2f} %")
+
+
 def run(cfg: DictConfig) -> None:
     from tcurlora_seg.engine.run import checkpoint_path, load_run_config
     from tcurlora_seg.engine.trainer import fit
@@ -92,9 +107,7 @@ def run(cfg: DictConfig) -> None:
     best = result["best_dice"]
     log.info(f"finished epoch {result['epoch']} in {run_dir}" + (f"; best validation Dice {best:.2f} %" if best is not None else ""))
     if cfg.trainer.evaluate:
-        from tcurlora_seg.engine.evaluate import evaluate_run
-
-        evaluate_run(run_dir)
+        evaluate(cfg, run_dir)
     print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir / 'tensorboard'}\n  make eval RUN={run_dir}")
 
 

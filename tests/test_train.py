@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -40,10 +41,15 @@ def only_run(cwd: Path) -> Path:
     return runs[0]
 
 
-def test_training_writes_a_complete_run_folder(tmp_path, official_dataset):
-    result = train(tmp_path, *tiny_run(official_dataset))
+def test_training_writes_a_complete_run_folder_and_evaluates(tmp_path, official_dataset):
+    result = train(tmp_path, *tiny_run(official_dataset, "trainer.evaluate=true", "trainer.evaluate_pretrained=true"))
     assert result.returncode == 0, result.stderr[-2000:]
     run = only_run(tmp_path)
+    for folder in ("eval", "eval_pretrained"):
+        summary = json.loads((run / folder / "summary.json").read_text())
+        assert summary["evaluation"]["n_cases"] == 2 and 0 <= summary["foreground_mean"]["Dice"] <= 100
+    assert len(list((run / "eval" / "predictions").glob("*.nii.gz"))) == 2
+    assert "before fine-tuning" in result.stdout
     names = {p.name for p in (run / "checkpoints").iterdir()}
     assert {"last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"} <= names
     assert (run / "split.json").is_file() and list((run / "tensorboard").glob("events.*"))

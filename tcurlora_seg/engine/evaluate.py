@@ -71,6 +71,7 @@ def evaluate_run(
     save_predictions: bool = True,
     device: str = "auto",
     progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split``; write ``eval/`` files, print the Markdown table, return the summary.
 
@@ -84,6 +85,7 @@ def evaluate_run(
         save_predictions: write ``eval/predictions/<id>.nii.gz``.
         device: auto | cpu | cuda | cuda:N for the windows; volumes are stitched on the CPU.
         progress: a tqdm bar on stderr.
+        out_dir: where the files go (default ``run_dir/eval``).
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -92,7 +94,7 @@ def evaluate_run(
     names = select_checkpoints(run_dir, checkpoint, average_last)
     segmenter = Segmenter.from_run(run_dir, names, overlap=overlap, min_component_mm3=min_component_mm3, device=device)
 
-    out = run_dir / "eval"
+    out = Path(out_dir) if out_dir is not None else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     per_case = []
     bar = tqdm(cases, desc=f"eval {split}", unit="case", disable=not progress)

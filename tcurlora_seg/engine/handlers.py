@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 
 from tcurlora_seg.adapters import adapter_state_dict
 from tcurlora_seg.engine.metrics import case_metrics, summarize
-from tcurlora_seg.engine.run import FORMAT
+from tcurlora_seg.engine.run import FORMAT, epoch_checkpoints
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.checkpoint import save_checkpoint
 
@@ -120,6 +120,11 @@ class RunCheckpoints:
             payload.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
         return payload
 
+    def save_pretrained(self) -> Path:
+        """``pretrained.pt``: the model before any step (zero U = the source model), to measure what fine-tuning gained."""
+        return save_checkpoint(self.folder / "pretrained.pt", {"format": FORMAT, "epoch": 0, "iteration": 0, "metric": None,
+                                                              "config": self.config, "adapter": adapter_state_dict(self.model)})
+
     def save(self, engine: Engine, name: str, full: bool = False) -> Path:
         return save_checkpoint(self.folder / f"{name}.pt", self.payload(engine, full))
 
@@ -127,7 +132,7 @@ class RunCheckpoints:
         epoch, max_epochs = engine.state.epoch, engine.state.max_epochs
         if epoch > max_epochs - self.keep_last:
             self.save(engine, f"epoch_{epoch:04d}")
-            for old in sorted(self.folder.glob("epoch_*.pt"))[: -self.keep_last]:
+            for old in epoch_checkpoints(self.folder.parent)[: -self.keep_last]:
                 old.unlink()
         if epoch % self.interval == 0 and epoch < max_epochs:
             self.save(engine, "last", full=True)

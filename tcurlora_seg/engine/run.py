@@ -113,7 +113,8 @@ def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
 def epoch_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The kept per-epoch checkpoints, oldest first."""
     folder = Path(run_dir) / "checkpoints"
-    return sorted(p for p in folder.glob("epoch_*.pt") if re.fullmatch(r"epoch_\d+\.pt", p.name))
+    kept = [p for p in folder.glob("epoch_*.pt") if re.fullmatch(r"epoch_\d+\.pt", p.name)]
+    return sorted(kept, key=lambda p: int(p.stem.split("_")[1]))
 
 
 def restore_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[torch.nn.Module, DictConfig, dict]:

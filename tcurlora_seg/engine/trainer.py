@@ -121,6 +121,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None) -> dict:
         TensorBoardValidation(writer, metrics, trainer, optimizer, bool(cfg.trainer.log_images)).attach(evaluator)
     if cfg.trainer.progress:
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": first_loss(out)})
+    if resume is None and cfg.trainer.evaluate_pretrained:
+        checkpoints.save_pretrained()
     if resume is not None:
         checkpoints.restore(trainer, resume)
         log.info(f"resuming at epoch {trainer.state.epoch + 1} of {cfg.trainer.max_epochs}")
