@@ -121,7 +121,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None) -> dict:
         TensorBoardValidation(writer, metrics, trainer, optimizer, bool(cfg.trainer.log_images)).attach(evaluator)
     if cfg.trainer.progress:
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": first_loss(out)})
-    if resume is None and cfg.trainer.evaluate_pretrained:
+    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained"):
         checkpoints.save_pretrained()
     if resume is not None:
         checkpoints.restore(trainer, resume)
