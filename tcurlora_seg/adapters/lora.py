@@ -68,6 +68,14 @@ class PiSSAConfig(LoRAConfig):
 
     rank: int = field(default=2, metadata={"help": "r singular triplets per weight (paper: 2)"})
     alpha: float = field(default=2, metadata={"help": "scaling = alpha / rank (default: alpha = rank, scaling 1)"})
+    svd_niter: int = field(
+        default=0, metadata={"help": "0: full SVD (exact; minutes for ViT-B on a CPU); N > 0: randomised SVD with N iterations"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.svd_niter, bool) or not isinstance(self.svd_niter, int) or self.svd_niter < 0:
+            raise ValueError(f"peft.svd_niter must be 0 (full SVD) or a positive integer, got {self.svd_niter!r}")
 
 
 def _inject(model: nn.Module, config: LoRAConfig, **peft_options) -> list[nn.Module]:
@@ -94,17 +102,19 @@ def apply_dora(model: nn.Module, **options) -> dict:
 
 
 def apply_pissa(model: nn.Module, **options) -> dict:
-    """PiSSA (peft ``init_lora_weights="pissa"``, full SVD: deterministic) on the ViT linears; returns the options.
+    """PiSSA (peft ``init_lora_weights="pissa"`` or ``"pissa_niter_N"``) on the ViT linears; returns the options.
 
     Keeps the initial A, B as buffers ``pissa_A0`` / ``pissa_B0`` on each layer: the adapter file needs them to
-    rebuild the residual base (module docstring).
+    rebuild the residual base (module docstring). Because of that, the randomised SVD (``svd_niter``) is as portable
+    as the full one: loading never re-runs the SVD's result, only the file's.
     """
     config = PiSSAConfig(**options)
     for path in _target_paths(model, config.targets):
         linear = model.get_submodule(path)
         if isinstance(linear, nn.Linear) and config.rank > min(linear.weight.shape):
             raise ValueError(f"peft.rank={config.rank} exceeds min{tuple(linear.weight.shape)} of {path}; lower peft.rank")
-    for layer in _inject(model, config, init_lora_weights="pissa"):
+    init = f"pissa_niter_{config.svd_niter}" if config.svd_niter else "pissa"
+    for layer in _inject(model, config, init_lora_weights=init):
         layer.register_buffer("pissa_A0", layer.lora_A[_ADAPTER].weight.detach().clone())
         layer.register_buffer("pissa_B0", layer.lora_B[_ADAPTER].weight.detach().clone())
     return options_dict(config)

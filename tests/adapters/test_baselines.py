@@ -189,6 +189,16 @@ def test_zero_effect_at_init(x, base_output, method):
     torch.testing.assert_close(outputs(model, x), base_output, atol=tol, rtol=tol)
 
 
+def test_pissa_randomised_svd_option_keeps_the_base_output(x, base_output):
+    model = apply_adapter(tiny(), "pissa", svd_niter=4)
+    layer = model.vit.blocks[0].mlp.linear1
+    W = tiny().vit.blocks[0].mlp.linear1.weight
+    # B A approximates W's top-2 part (randomised: a few % off on this flat random spectrum, closer on trained weights)
+    top = torch.linalg.svdvals(W)[:2]
+    torch.testing.assert_close(torch.linalg.svdvals(layer.pissa_B0 @ layer.pissa_A0)[:2], top, atol=0, rtol=0.1)
+    torch.testing.assert_close(outputs(model, x), base_output, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", LAYERED)
 def test_merge_matches_unmerged_output(x, method):
     model = tiny()
@@ -306,6 +316,7 @@ def test_residual_is_rebuilt_from_the_saved_initial_factors(x, method):
         ("loha", {"alpha": -1}, "peft.alpha"),
         ("pissa", {"targets": ["attn.q"]}, "peft.targets"),
         ("pissa", {"rank": 49}, "peft.rank"),
+        ("pissa", {"svd_niter": -1}, "peft.svd_niter"),
         ("lokr", {"factor": 0}, "peft.factor"),
         ("curlora", {"selection": "random"}, "peft.selection"),
         ("curlora", {"rank": 49}, "peft.rank"),
