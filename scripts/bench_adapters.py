@@ -1,18 +1,23 @@
 """Training-step time and peak memory of each fine-tuning method on the paper's ViT-B UNETR, side by side.
 
-    python scripts/bench_adapters.py                      # 64³, batch 1, CPU: every method
-    python scripts/bench_adapters.py --crop 128 --batch 4 --device cuda --precision bf16
-    python scripts/bench_adapters.py --methods floor tcurlora-factored --steps 10
+    python scripts/bench_adapters.py                      # every method: 64³ batch 1 fp32 on CPU, and, when a GPU is
+                                                          # present, also 128³ batch 4 (the paper's) with bf16 autocast
+    python scripts/bench_adapters.py --crop 128 --batch 4 --device cuda --precision bf16   # one setting only
+    python scripts/bench_adapters.py --methods decoder_only lora --steps 1 --warmup 0 --crop 32 --no-inference
 
 Each method runs in its own subprocess so that peak memory (CPU: max RSS; GPU: max allocated) is its own.
+Step time and peak memory are also given as ratios to decoder-only (and step time to the floor) from the same run.
 Methods:
   decoder_only         only decoder2..5 train; the ViT gets no gradient at all
   floor                decoder_only + the position embedding trainable: the gradient is forced through every frozen
                        ViT block, the physical limit for any adapter inside the ViT (DESIGN.md §1.5)
-  tcurlora-<mode>      tCURLoRA r=8 on all three tensor groups, forward mode auto | factored | materialized
+  lora dora pissa      HF peft on the ViT linears, default options of tcurlora_seg.adapters (LoRA/DoRA r=32, PiSSA r=2,
+  loha lokr            LoHa r=16, LoKr r=8)
+  curlora lora_pt      matrix CURLoRA r=2; LoRA-PT r=8 (principal t-SVD of the three tensors)
+  tcurlora-<mode>      tCURLoRA r=--rank (default 8) on all three tensor groups, forward mode auto | factored | materialized
   full                 everything trains
 Also times inference (no grad, eval) of the base model and of the merged tCURLoRA model.
-Prints a table and writes JSON (default bench_results/bench_<device>_<crop>_b<batch>.json).
+Prints a table per setting and writes JSON (default bench_results/bench_<device>_<crop>_b<batch>.json).
 """
 
 from __future__ import annotations
@@ -34,10 +39,15 @@ from monai.networks.nets import UNETR
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tcurlora_seg.adapters import apply_adapter, count_trainable, merge_adapter  # noqa: E402
-from tcurlora_seg.adapters.base import freeze_for_adapter  # noqa: E402
+from tcurlora_seg.adapters import ADAPTERS, apply_adapter, count_trainable, merge_adapter  # noqa: E402
 
-METHODS = ["decoder_only", "floor", "tcurlora-auto", "tcurlora-factored", "tcurlora-materialized", "full"]
+METHODS = [
+    "decoder_only", "floor", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt",
+    "tcurlora-auto", "tcurlora-factored", "tcurlora-materialized", "full",
+]
+# The settings of a plain run: the CPU one always, the paper's GPU one (batch 4, 128³, bf16 autocast) when a GPU exists.
+CPU_SETTING = {"crop": 64, "batch": 1, "device": "cpu", "precision": "fp32"}
+GPU_SETTING = {"crop": 128, "batch": 4, "device": "cuda", "precision": "bf16"}
 
 
 def paper_unetr(crop: int) -> UNETR:
@@ -49,14 +59,13 @@ def paper_unetr(crop: int) -> UNETR:
 
 
 def prepare(method: str, model: UNETR, rank: int) -> UNETR:
-    if method == "full":
-        model.requires_grad_(True)
-    elif method in ("decoder_only", "floor"):
-        freeze_for_adapter(model)
-        if method == "floor":
-            model.vit.patch_embedding.position_embeddings.requires_grad_(True)
+    if method == "floor":
+        apply_adapter(model, "decoder_only")
+        model.vit.patch_embedding.position_embeddings.requires_grad_(True)
     elif method.startswith("tcurlora-"):
         apply_adapter(model, "tcurlora", rank=rank, mode=method.split("-", 1)[1])
+    elif method in ADAPTERS and method != "tcurlora":
+        apply_adapter(model, method)  # the method's default options
     else:
         raise SystemExit(f"unknown method {method}; choose from {METHODS}")
     return model
@@ -152,6 +161,8 @@ def run_all(args: argparse.Namespace) -> dict:
             for r in rows:
                 if "step_s" in r:
                     r[f"vs_{ref}"] = r["step_s"] / by_name[ref]["step_s"]
+                    if ref == "decoder_only":
+                        r["mem_vs_decoder_only"] = r["peak_mb"] / by_name[ref]["peak_mb"]
     return {
         "settings": {k: getattr(args, k) for k in ("crop", "batch", "device", "precision", "rank", "steps", "warmup")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -163,25 +174,27 @@ def run_all(args: argparse.Namespace) -> dict:
 def print_table(report: dict) -> None:
     s = report["settings"]
     print(f"\n{s['crop']}³ crop, batch {s['batch']}, {s['device']}, {s['precision']}, median of {s['steps']} steps")
-    print(f"| method | trainable | step s | vs decoder-only | vs floor | peak MB |\n|---|---|---|---|---|---|")
+    print("| method | trainable | step s | step vs decoder-only | step vs floor | peak MB | memory vs decoder-only |")
+    print("|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in report["results"]:
         if "step_s" in r:
-            print(f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {r.get('vs_decoder_only', float('nan')):.2f} "
-                  f"| {r.get('vs_floor', float('nan')):.2f} | {r['peak_mb']:.0f} |")
+            print(f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {r.get('vs_decoder_only', nan):.2f} "
+                  f"| {r.get('vs_floor', nan):.2f} | {r['peak_mb']:.0f} | {r.get('mem_vs_decoder_only', nan):.2f} |")
         else:
             print(f"\ninference: base {r['base_s']:.3f} s, merged tCURLoRA {r['merged_s']:.3f} s, ratio {r['ratio']:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--crop", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=None, help="cube side (default: 64 on CPU, 128 on GPU)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 4 on GPU")
+    parser.add_argument("--device", default=None, help="cpu | cuda[:N] (default: CPU, plus GPU when one is present)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--rank", type=int, default=8, help="tCURLoRA rank (the other methods use their defaults)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench_results/bench_<device>_<crop>_b<batch>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -189,12 +202,27 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    report = run_all(args)
-    print_table(report)
-    out = args.out or REPO / "bench_results" / f"bench_{args.device.split(':')[0]}_{args.crop}_b{args.batch}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    runs = settings(args)
+    for setting in runs:
+        run = argparse.Namespace(**{**vars(args), **setting})
+        report = run_all(run)
+        print_table(report)
+        out = args.out or REPO / "bench_results" / f"bench_{run.device.split(':')[0]}_{run.crop}_b{run.batch}.json"
+        if args.out and len(runs) > 1:  # one file per setting
+            out = out.with_name(f"{out.stem}_{run.device.split(':')[0]}{out.suffix}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {out}")
+
+
+def settings(args: argparse.Namespace) -> list[dict]:
+    """The (crop, batch, device, precision) runs: the ones given, else CPU and (with a GPU) the paper's GPU setting."""
+    given = {k: getattr(args, k) for k in CPU_SETTING if getattr(args, k) is not None}
+    if given:
+        device = given.get("device", "cpu")
+        base = GPU_SETTING if device.startswith("cuda") else CPU_SETTING
+        return [{**base, **given, "device": device}]
+    return [CPU_SETTING] + ([GPU_SETTING] if torch.cuda.is_available() else [])
 
 
 if __name__ == "__main__":

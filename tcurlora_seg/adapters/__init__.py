@@ -6,6 +6,10 @@ Named ``adapters`` so as not to be confused with HF ``peft`` (which the LoRA-fam
     merge_adapter(model) / unmerge_adapter(model)
     state = adapter_state_dict(model)             # only what trained + indices + options + base fingerprint
     load_adapter_state_dict(fresh_pretrained_model, state)
+
+Methods (``peft=NAME``; defaults and trainable-count formulas in each module's docstring):
+``full``, ``decoder_only`` (full.py); ``lora``, ``dora``, ``pissa`` (lora.py), ``loha``, ``lokr`` (HF peft);
+``curlora`` (matrix CUR), ``lora_pt`` (principal t-SVD), ``tcurlora`` (tensor CUR, the paper's method).
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .base import AdapterLayer, base_fingerprint, count_trainable
+from .base import AdapterLayer, base_fingerprint, count_trainable, parameter_digests
+from .curlora import CURLoRAConfig, apply_curlora
+from .full import DecoderOnlyConfig, FullConfig, apply_decoder_only, apply_full
+from .hf_peft import peft_layers
+from .loha import LoHaConfig, apply_loha
+from .lokr import LoKrConfig, apply_lokr
+from .lora import DoRAConfig, LoRAConfig, PiSSAConfig, apply_dora, apply_lora, apply_pissa, restore_pissa_init
+from .lora_pt import LoRAPTConfig, apply_lora_pt, restore_lora_pt_init
 from .tcurlora import TCURLoRAConfig, apply_tcurlora
 
 __all__ = [
@@ -29,13 +40,38 @@ __all__ = [
     "merged_state_dict",
     "count_trainable",
     "TCURLoRAConfig",
+    "FullConfig",
+    "DecoderOnlyConfig",
+    "LoRAConfig",
+    "DoRAConfig",
+    "PiSSAConfig",
+    "LoHaConfig",
+    "LoKrConfig",
+    "CURLoRAConfig",
+    "LoRAPTConfig",
 ]
 
 # name -> function(model, **options) that adapts the model in place and returns its resolved options (plain types)
-ADAPTERS: dict[str, Callable[..., dict]] = {"tcurlora": apply_tcurlora}
+ADAPTERS: dict[str, Callable[..., dict]] = {
+    "full": apply_full,
+    "decoder_only": apply_decoder_only,
+    "lora": apply_lora,
+    "dora": apply_dora,
+    "pissa": apply_pissa,
+    "loha": apply_loha,
+    "lokr": apply_lokr,
+    "curlora": apply_curlora,
+    "lora_pt": apply_lora_pt,
+    "tcurlora": apply_tcurlora,
+}
 
-# Buffers that an adapter file must carry besides the trainable parameters (the selected CUR indices).
-_SAVED_BUFFERS = ("tcur_rows", "tcur_cols")
+# Buffers an adapter file carries besides the trainable parameters. Selected CUR indices: must equal the ones this
+# base yields. Initial factors of the methods that rewrite the base into a residual (PiSSA, LoRA-PT): used to rebuild
+# that residual from the pretrained base, by the method's restore function.
+_INDEX_BUFFERS = ("tcur_rows", "tcur_cols", "cur_rows", "cur_cols")
+_INIT_BUFFERS = ("pissa_A0", "pissa_B0", "lorapt_U0", "lorapt_S0", "lorapt_V0")
+_SAVED_BUFFERS = _INDEX_BUFFERS + _INIT_BUFFERS
+_RESTORE_INIT: dict[str, Callable[[nn.Module, dict], None]] = {"pissa": restore_pissa_init, "lora_pt": restore_lora_pt_init}
 
 
 def apply_adapter(model: nn.Module, name: str, **options) -> nn.Module:
@@ -44,17 +80,21 @@ def apply_adapter(model: nn.Module, name: str, **options) -> nn.Module:
         raise ValueError(f"model already has adapter '{model.adapter_config['name']}'; build a fresh model to apply another")
     if name not in ADAPTERS:
         raise ValueError(f"unknown adapter '{name}' (peft.name); choose one of {sorted(ADAPTERS)}")
+    pretrained = parameter_digests(model)  # before the method: PiSSA and LoRA-PT rewrite the frozen weights
     try:
         resolved = ADAPTERS[name](model, **options)
     except TypeError as err:  # an option the method does not have
         raise ValueError(f"adapter '{name}': {err}") from err
-    model.adapter_config = {"name": name, "options": resolved, "base_fingerprint": base_fingerprint(model)}
+    model.adapter_config = {"name": name, "options": resolved, "base_fingerprint": base_fingerprint(model, pretrained)}
     return model
 
 
-def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
-    """Every wrapped layer of ``model``."""
-    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """Every wrapped layer of ``model``: ours (``AdapterLayer``) and peft's (``BaseTunerLayer``); none for full / decoder_only.
+
+    All of them have ``merge()``, ``unmerge()`` and ``merged``.
+    """
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)] + peft_layers(model)
 
 
 def _config(model: nn.Module) -> dict:
@@ -65,18 +105,23 @@ def _config(model: nn.Module) -> dict:
 
 
 def merge_adapter(model: nn.Module) -> nn.Module:
-    """Fold every adapter update into its base weight, so inference costs the base model."""
+    """Fold every adapter update into its base weight, so inference costs the base model (no-op without layers)."""
     _config(model)
     for layer in adapter_layers(model):
-        layer.merge()
+        if not layer.merged:  # peft warns on a second merge; ours ignore it
+            layer.merge()
     return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
-    """Undo ``merge_adapter``: the base weights return to the pretrained values (up to float rounding)."""
+    """Undo ``merge_adapter``: the base weights return to their values before merging, up to float rounding.
+
+    That is the pretrained weight, except for PiSSA and LoRA-PT, whose frozen base is the residual.
+    """
     _config(model)
     for layer in adapter_layers(model):
-        layer.unmerge()
+        if layer.merged:
+            layer.unmerge()
     return model
 
 
@@ -105,7 +150,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """What a fine-tuned model adds to its base: trainable tensors, CUR indices, options and the base fingerprint.
+    """What a fine-tuned model adds to its base: trainable tensors, CUR indices or initial factors, options, fingerprint.
 
     Plain types and tensors only, so ``torch.load(..., weights_only=True)`` reads it back.
     """
@@ -143,17 +188,29 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
     if missing:
         raise ValueError(f"adapter state lacks trained tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     buffers = dict(model.named_buffers())
+    needed = {n for n in buffers if n.rpartition(".")[2] in _INIT_BUFFERS}
+    if needed - tensors.keys():
+        raise ValueError(
+            f"adapter state lacks the initial factors {sorted(needed - tensors.keys())[:2]} that rebuild the {config['name']} "
+            "residual base; save it again with adapter_state_dict()"
+        )
     for name, value in tensors.items():
-        if name in buffers and name.rpartition(".")[2] in _SAVED_BUFFERS:
+        kind = name.rpartition(".")[2]
+        if name in buffers and kind in _INDEX_BUFFERS:
             if not torch.equal(buffers[name].cpu(), value):
                 raise ValueError(f"{name}: the saved CUR selection differs from this base's; load the base the adapter was trained on")
+        elif name in buffers and kind in _INIT_BUFFERS:
+            if buffers[name].shape != value.shape:
+                raise ValueError(f"{name}: shape {tuple(value.shape)} in the adapter state, {tuple(buffers[name].shape)} in the model")
         elif name not in expected:
             raise ValueError(f"adapter state has unexpected tensor '{name}' for this model")
         elif own[name].shape != value.shape:
             raise ValueError(f"{name}: shape {tuple(value.shape)} in the adapter state, {tuple(own[name].shape)} in the model")
     merged = [layer for layer in adapter_layers(model) if layer.merged]
-    for layer in merged:  # a merged weight holds the old ΔW: take it out before U changes
+    for layer in merged:  # a merged weight holds the old update: take it out before the adapter tensors change
         layer.unmerge()
+    if config["name"] in _RESTORE_INIT:
+        _RESTORE_INIT[config["name"]](model, tensors)
     with torch.no_grad():
         for name in expected:
             own[name].copy_(tensors[name])

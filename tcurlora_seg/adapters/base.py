@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 
 import torch
 from torch import nn
 
-__all__ = ["DECODER", "AdapterLayer", "freeze_for_adapter", "base_fingerprint", "count_trainable"]
+__all__ = [
+    "DECODER",
+    "VIT_LINEARS",
+    "AdapterLayer",
+    "freeze_for_adapter",
+    "parameter_digests",
+    "base_fingerprint",
+    "count_trainable",
+    "check_rank",
+    "check_choices",
+    "options_dict",
+]
 
 # UNETR's up-sampling path (DESIGN.md §1.4): trained fully by every PEFT method of the paper.
 DECODER = ("decoder2", "decoder3", "decoder4", "decoder5")
+
+# The ViT linears every matrix method adapts (paths inside ``vit.blocks.N``), the same weights tCURLoRA stacks.
+VIT_LINEARS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
 
 
 class AdapterLayer(nn.Module):
@@ -39,23 +54,70 @@ def freeze_for_adapter(model: nn.Module, *, train_decoder: bool = True, train_ou
         module.requires_grad_(True)
 
 
-@torch.no_grad()
-def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the frozen parameters (names, shapes, bytes): identifies the base an adapter was trained on.
+def _plain_name(name: str) -> str:
+    """Parameter name as before wrapping: our layers and peft's both keep the frozen linear as ``base_layer``."""
+    return name.replace(".base_layer", "")
 
-    Names are taken as before wrapping (``.base_layer`` dropped), so the value is the same before and after an adapter
-    is applied, as long as it is not merged.
+
+@torch.no_grad()
+def parameter_digests(model: nn.Module) -> dict[str, bytes]:
+    """SHA-256 of each parameter (name, shape, dtype, bytes), keyed by its unwrapped name.
+
+    Taken before an adapter is applied, so that methods that rewrite the frozen weights (PiSSA and LoRA-PT keep a
+    residual) still fingerprint the pretrained values.
     """
+    digests = {}
+    for name, param in model.named_parameters():
+        name = _plain_name(name)
+        digest = hashlib.sha256(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests[name] = digest.digest()
+    return digests
+
+
+@torch.no_grad()
+def base_fingerprint(model: nn.Module, pretrained: dict[str, bytes] | None = None) -> str:
+    """SHA-256 over the frozen parameters: identifies the base an adapter was trained on.
+
+    ``pretrained`` = ``parameter_digests`` taken before the adapter was applied: the fingerprint then means "the
+    pretrained values of every weight the adapter file does not carry", whatever the method did to them since.
+    Without it the current values are hashed (equal to the pretrained ones for all methods but PiSSA and LoRA-PT).
+    Names are taken as before wrapping, so the value does not depend on the wrapper. Under full fine-tuning nothing
+    is frozen and the fingerprint is that of the empty set: the file carries the whole model.
+    """
+    known = pretrained or {}
+    current: dict[str, bytes] | None = None  # hashed lazily: only for tensors the pretrained digests lack
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         if param.requires_grad:
             continue
-        name = name.replace(".base_layer", "")
-        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        name = _plain_name(name)
+        if name not in known and current is None:
+            current = parameter_digests(model)
+        digest.update(known[name] if name in known else current[name])
     return digest.hexdigest()
 
 
 def count_trainable(model: nn.Module) -> int:
     """Number of parameters that receive gradients."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def check_rank(rank: object) -> None:
+    """``peft.rank`` must be a positive int (bool is an int in Python: refuse it)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"peft.rank must be a positive integer, got {rank!r}")
+
+
+def check_choices(key: str, values: tuple, choices: tuple) -> tuple:
+    """A non-empty tuple of distinct ``values`` from ``choices``; the message names ``peft.<key>``."""
+    values = (values,) if isinstance(values, str) else tuple(values)
+    unknown = [v for v in values if v not in choices]
+    if not values or unknown or len(set(values)) != len(values):
+        raise ValueError(f"peft.{key} must list distinct entries from {list(choices)}, got {list(values)}")
+    return values
+
+
+def options_dict(config) -> dict:
+    """A config dataclass as plain types (tuples as lists), so options travel inside a ``weights_only`` checkpoint."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
