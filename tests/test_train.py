@@ -42,7 +42,12 @@ def only_run(cwd: Path) -> Path:
 
 
 def test_training_writes_a_complete_run_folder_and_evaluates(tmp_path, official_dataset):
-    result = train(tmp_path, *tiny_run(official_dataset, "trainer.evaluate=true", "trainer.evaluate_pretrained=true"))
+    from tests.conftest import make_tiny_unetr
+
+    source = tmp_path / "source.pt"  # a "pretrained" tiny model in our checkpoint format
+    torch.save({"model": make_tiny_unetr(seed=7).state_dict(), "config": {"seed": 7}}, source)
+    result = train(tmp_path, *tiny_run(official_dataset, f"model.pretrained={source}", "trainer.evaluate=true",
+                                       "trainer.evaluate_pretrained=true"))
     assert result.returncode == 0, result.stderr[-2000:]
     run = only_run(tmp_path)
     for folder in ("eval", "eval_pretrained"):
