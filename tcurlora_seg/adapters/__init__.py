@@ -81,6 +81,7 @@ def apply_adapter(model: nn.Module, name: str, **options) -> nn.Module:
     if name not in ADAPTERS:
         raise ValueError(f"unknown adapter '{name}' (peft.name); choose one of {sorted(ADAPTERS)}")
     pretrained = parameter_digests(model)  # before the method: PiSSA and LoRA-PT rewrite the frozen weights
+    model.adapter_base_keys = list(model.state_dict())  # the plain model's keys, for merged_state_dict
     try:
         resolved = ADAPTERS[name](model, **options)
     except TypeError as err:  # an option the method does not have
@@ -125,10 +126,6 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_adapter_tensor(name: str) -> bool:
-    return any(part.startswith("tcur_") for part in name.split("."))
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The fine-tuned model as a plain UNETR state dict (ΔW folded in, adapter tensors dropped), on CPU.
 
@@ -139,11 +136,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for layer in unmerged:
         layer.merge()
     try:
-        return {
-            name.replace(".base_layer", ""): tensor.detach().cpu().clone()
-            for name, tensor in model.state_dict().items()
-            if not _is_adapter_tensor(name)
-        }
+        # every method keeps the wrapped module as `base_layer` (ours and peft's): its merged tensors are the plain ones
+        merged = {name.replace(".base_layer", ""): tensor for name, tensor in model.state_dict().items()}
+        return {key: merged[key].detach().cpu().clone() for key in model.adapter_base_keys}
     finally:
         for layer in unmerged:
             layer.unmerge()

@@ -358,3 +358,23 @@ def test_lora_pt_starts_from_the_principal_t_svd_part(tiny_unetr):
     assert torch.linalg.svdvals(Pf)[:, 4:].max() < 1e-4
     residual = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up"))
     torch.testing.assert_close(residual + principal, W, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["full", "decoder_only", "lora", "pissa", "curlora", "lora_pt", "tcurlora"])
+def test_merged_state_dict_is_a_plain_unetr_with_the_same_outputs(name):
+    from tcurlora_seg.adapters import merged_state_dict
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32, 32)
+    model = apply_adapter(make_tiny_unetr(), name)
+    with torch.no_grad():  # move every trainable tensor so the merge has something to fold
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    plain = make_tiny_unetr(seed=9).eval()
+    plain.load_state_dict(merged_state_dict(model))  # strict
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), expected, atol=1e-4, rtol=1e-4)
