@@ -200,8 +200,9 @@ class TrainStats:
 
     ``step_time_s`` is the mean time from ITERATION_STARTED to ITERATION_COMPLETED (forward, backward, optimizer step;
     no data loading, no validation), the first step left out as warm-up when there are others. ``peak_memory_mb``:
-    ``torch.cuda.max_memory_allocated`` on a GPU, the process's max RSS on a CPU (which includes data and Python).
-    A resumed run counts only the steps of its own process.
+    ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the peak RSS (which includes data and Python), counted
+    from the start of training where Linux lets a process reset its high-water mark (a Hydra multirun runs every
+    job in one process), else the process's max RSS. A resumed run counts only the steps of its own process.
     """
 
     def __init__(self, path: Path, trainable: int, device: torch.device) -> None:
@@ -222,6 +223,11 @@ class TrainStats:
     def _started(self, engine: Engine) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux >= 4.0: "5" resets VmHWM to the current RSS, so earlier jobs of a multirun do not count
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
 
     def _iteration_started(self, engine: Engine) -> None:
         self._sync()
@@ -234,7 +240,11 @@ class TrainStats:
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+        try:
+            status = Path("/proc/self/status").read_text()
+            return int(status.split("VmHWM:")[1].split()[0]) / 2**10  # kB
+        except (OSError, IndexError, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
     def _completed(self, engine: Engine) -> None:
         timed = self.steps[1:] or self.steps
