@@ -53,9 +53,12 @@ GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_
 FIELDS = ["method", "rank", "groups", "seed", "dice", "hd95", "trainable", "adapter_mb", "step_time_s",
           "peak_memory_mb", "run_dir"]
 METRICS = ["trainable", "adapter_mb", "dice", "hd95", "step_time_s", "peak_memory_mb"]
-# (header, metric, scale, decimals) of the Markdown tables
-COLUMNS = [("trainable params (M)", "trainable", 1e-6, 3), ("adapter MB", "adapter_mb", 1, 2), ("Dice %", "dice", 1, 2),
-           ("HD95 mm", "hd95", 1, 2), ("s/step", "step_time_s", 1, 3), ("peak MB", "peak_memory_mb", 1, 0)]
+# (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
+# The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
+_REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True), ("HD95 mm", "hd95", 1, 2, True),
+         ("s/step", "step_time_s", 1, 3, True), ("peak MB", "peak_memory_mb", 1, 0, True)]
+COLUMNS = {"comparison": [("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
+           "ablation": [("trainable params", "trainable", 1, 0, False), *_REST]}
 SWEEPS = {"runs": "comparison", "ablation": "ablation"}  # sweep folder -> output stem
 KEYS = {"comparison": ["method"], "ablation": ["rank", "groups"]}
 
@@ -146,19 +149,19 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
             for key, members in groups.items()]
 
 
-def cell(stat: tuple[float, float], scale: float, decimals: int) -> str:
+def cell(stat: tuple[float, float], scale: float, decimals: int, spread: bool = True) -> str:
     mean, std = stat
     if math.isnan(mean):
         return "–"
-    text = f"{mean * scale:.{decimals}f}"
-    return text if math.isnan(std) else f"{text} ± {std * scale:.{decimals}f}"
+    text = f"{mean * scale:,.{decimals}f}"
+    return text if math.isnan(std) or not spread else f"{text} ± {std * scale:,.{decimals}f}"
 
 
-def markdown(entries: Sequence[dict], keys: Sequence[str]) -> str:
-    headers = [*keys, *(c[0] for c in COLUMNS), "n seeds"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(keys) + "---:|" * (len(COLUMNS) + 1)]
+def markdown(entries: Sequence[dict], keys: Sequence[str], columns: Sequence[tuple] = COLUMNS["comparison"]) -> str:
+    headers = [*keys, *(c[0] for c in columns), "n seeds"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(keys) + "---:|" * (len(columns) + 1)]
     for entry in entries:
-        cells = [str(entry[k]) for k in keys] + [cell(entry[m], s, d) for _, m, s, d in COLUMNS] + [str(entry["n"])]
+        cells = [str(entry[k]) for k in keys] + [cell(entry[m], *fmt) for _, m, *fmt in columns] + [str(entry["n"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -179,6 +182,16 @@ def _pyplot():
     return plt
 
 
+def _plain_ticks(ax, axis: str = "x") -> None:
+    """Log-axis ticks as 0.5, 2, 16 rather than 5×10⁻¹; minor ticks labelled too when the range is under a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    getattr(ax, f"{axis}axis").set_major_formatter(plain)
+    getattr(ax, f"{axis}axis").set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+
+
 def plot_comparison(entries: Sequence[dict], path: Path) -> None:
     """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds."""
     plt = _pyplot()
@@ -189,8 +202,14 @@ def plot_comparison(entries: Sequence[dict], path: Path) -> None:
             continue
         ax.errorbar(params / 1e6, dice, yerr=0.0 if math.isnan(std) else std, fmt="o", capsize=3)
         ax.annotate(entry["method"], (params / 1e6, dice), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set(xscale="log", xlabel="trainable parameters (M, log scale)", ylabel="test Dice (%)",
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    if hi / lo < 4:  # methods of near-equal size: widen around them, a log axis needs some ticks to label
+        ax.set_xlim(math.sqrt(lo * hi) / 2, math.sqrt(lo * hi) * 2)
+    ax.set(xlabel="trainable parameters (M, log scale)", ylabel="test Dice (%)",
            title="Dice vs trainable parameters (mean ± std over seeds)")
+    _plain_ticks(ax)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -208,6 +227,9 @@ def plot_ablation(entries: Sequence[dict], path: Path) -> None:
             ranks, dice, std = zip(*points)
             ax.errorbar(ranks, dice, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({int(e["rank"]) for e in entries}))
+    _plain_ticks(ax)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set(xlabel="rank r", ylabel="test Dice (%)", title="tCURLoRA: rank and tensor groups (mean ± std over seeds)")
     ax.legend(title="groups")
     ax.grid(True, which="both", alpha=0.3)
@@ -225,7 +247,7 @@ def report(out: Path) -> list[Path]:
             continue
         rows = [collect_run(run) for run in runs]
         entries = aggregate(rows, KEYS[stem])
-        table = markdown(entries, KEYS[stem])
+        table = markdown(entries, KEYS[stem], COLUMNS[stem])
         write_csv(rows, out / f"{stem}.csv")
         (out / f"{stem}.md").write_text(table)
         (plot_comparison if stem == "comparison" else plot_ablation)(entries, out / f"{stem}.png")

@@ -113,8 +113,8 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     assert tcur["dice"][0] == 85.0 and math.isnan(tcur["dice"][1]) and math.isnan(tcur["hd95"][0])
     table = compare.markdown([lora, tcur], ["method"])
     lora_row, tcur_row = table_rows(table)
-    assert lora_row == ["lora", "7.000 ± 0.000", "28.00 ± 0.00", "82.00 ± 2.83", "4.00 ± 1.41", "0.600 ± 0.141",
-                        "1000 ± 141", "2"]
+    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "4.00 ± 1.41", "0.600 ± 0.141",
+                        "1,000 ± 141", "2"]
     assert tcur_row[3:6] == ["85.00", "–", "–"] and tcur_row[-1] == "1"
 
 
