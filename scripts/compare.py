@@ -289,16 +289,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ablation:
             sweeps["ablation"] = ablation_overrides(args.ranks, args.groups, args.seeds, args.experiment)
         failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
+    problem = None
     try:
         report(out)
-        if failed:  # what finished is reported above; the rest can be collected once it is rerun or done
-            raise UserError(f"the {' and '.join(failed)} sweep failed (see its output above); the tables hold the runs "
-                            f"that finished; fix it and rerun, or collect later with --collect-only {out}")
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        problem = str(err)
+    if failed:  # what finished is reported above; the rest can be collected once it is rerun or done
+        problem = (f"the {' and '.join(failed)} sweep failed (see its output above); the tables hold the runs that "
+                   f"finished; fix it and rerun, or collect later with --collect-only {out}")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

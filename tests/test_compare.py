@@ -100,6 +100,14 @@ def test_collect_only_without_runs_is_one_line_error(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith("error:") and len(result.stderr.splitlines()) == 1
 
 
+def test_failed_sweep_exits_2_and_names_collect_only(tmp_path):
+    result = run_compare(tmp_path, "--methods", "decoder_only", "--out", str(tmp_path / "out"), "--",
+                         "trainer.max_epoch=1")  # a typo: every job stops while Hydra composes its config
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the runs and ablation sweep failed") and "--collect-only" in last
+
+
 def test_aggregate_gives_mean_and_sample_std_per_method():
     fields = ["method", "dice", "hd95", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb"]
     rows = [dict(zip(fields, values)) for values in [
