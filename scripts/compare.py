@@ -13,7 +13,8 @@ Underneath are two Hydra multiruns of the real entry point, so any launcher work
     python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=1,2,4,8,16 \\
         peft.groups=[attn],[mlp_up,mlp_down],[attn,mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation
 Everything after ``--`` is passed to both as Hydra overrides (they come last, so they win). Runs evaluate their test
-split (``trainer.evaluate=true`` is added). Each method runs with its own defaults (``configs/peft/``).
+split (``trainer.evaluate=true`` is added). Each method runs with its own defaults (``configs/peft/``); a ``peft.*``
+override after ``--`` reaches every method, and those without that key (full, decoder_only) stop on it.
 
 From every run folder it reads ``config.yaml`` (method, rank, groups, seed), ``eval/summary.json`` (foreground-mean
 Dice % and HD95 mm on the test split), ``train_stats.json`` (trainable parameters, mean seconds per training step
