@@ -5,12 +5,17 @@
 - ``RunCheckpoints``: atomic adapter-only checkpoints (last / best / last K epochs), and one on Ctrl-C.
 - ``FiniteLoss``: stop at the first NaN/Inf loss with a message naming epoch and iteration.
 - ``TensorBoardValidation``: val/dice, val/hd95, lr and an image | label | prediction mid-slice in TensorBoard.
+- ``TrainStats``: ``train_stats.json`` (trainable parameters, time per training step, peak memory) for comparisons.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ from tcurlora_seg.models.checkpoint import save_checkpoint
 
 log = logging.getLogger("tcurlora_seg")
 
-__all__ = ["CaseMetrics", "RunCheckpoints", "FiniteLoss", "TensorBoardValidation", "spacing_of", "first_loss", "overlay"]
+__all__ = ["CaseMetrics", "RunCheckpoints", "FiniteLoss", "TensorBoardValidation", "TrainStats", "spacing_of", "first_loss", "overlay"]
 
 
 def spacing_of(tensor: Any) -> tuple[float, ...]:
@@ -188,6 +193,71 @@ class TensorBoardValidation:
         if self.log_images and self.metrics.first is not None:
             self.writer.add_image("val/image_label_prediction", overlay(**self.metrics.first), epoch, dataformats="HWC")
         self.writer.flush()
+
+
+class TrainStats:
+    """``train_stats.json`` at the end of training: what ``scripts/compare.py`` reports besides Dice and HD95.
+
+    ``step_time_s`` is the mean time from ITERATION_STARTED to ITERATION_COMPLETED (forward, backward, optimizer step;
+    no data loading, no validation), the first step left out as warm-up when there are others. ``peak_memory_mb``:
+    ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the peak RSS (which includes data and Python), counted
+    from the start of training where Linux lets a process reset its high-water mark (a Hydra multirun runs every
+    job in one process), else the process's max RSS. A resumed run counts only the steps of its own process.
+    """
+
+    def __init__(self, path: Path, trainable: int, device: torch.device) -> None:
+        self.path, self.trainable, self.device = path, trainable, device
+        self.steps: list[float] = []
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._iteration_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self._completed)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # kernels run asynchronously: wait for them, or the clock measures the launch
+            torch.cuda.synchronize(self.device)
+
+    def _started(self, engine: Engine) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux >= 4.0: "5" resets VmHWM to the current RSS, so earlier jobs of a multirun do not count
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def _iteration_started(self, engine: Engine) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _iteration_completed(self, engine: Engine) -> None:
+        self._sync()
+        self.steps.append(time.perf_counter() - self._start)
+
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            status = Path("/proc/self/status").read_text()
+            return int(status.split("VmHWM:")[1].split()[0]) / 2**10  # kB
+        except (OSError, IndexError, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+    def _completed(self, engine: Engine) -> None:
+        timed = self.steps[1:] or self.steps
+        stats = {
+            "trainable": self.trainable,
+            "step_time_s": float(np.mean(timed)) if timed else None,
+            "timed_steps": len(timed),
+            "peak_memory_mb": self.peak_memory_mb(),
+            "device": str(self.device),
+        }
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")
+        os.replace(tmp, self.path)
 
 
 def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:

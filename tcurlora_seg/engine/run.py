@@ -7,6 +7,7 @@ Layout of a run folder (Hydra's output dir of `python -m tcurlora_seg.train`):
     checkpoints/best.pt          best validation Dice (adapter only)
     checkpoints/epoch_NNNN.pt    the last ``trainer.keep_last_epochs`` epochs (adapter only; softmax averaging)
     tensorboard/                 curves and image slices
+    train_stats.json             trainable parameters, mean time per training step, peak memory (scripts/compare.py)
     eval/                        metrics.csv, summary.json, predicted labels
 
 A checkpoint is ``{"format", "epoch", "iteration", "metric", "config", "adapter", ["optimizer", "scheduler"]}`` where

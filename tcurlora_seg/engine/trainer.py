@@ -28,7 +28,7 @@ from tcurlora_seg.adapters import count_trainable, load_adapter_state_dict
 from tcurlora_seg.data.check import run_check
 from tcurlora_seg.data.datasets import build_dataset, build_loader
 from tcurlora_seg.data.layouts import load_cases
-from tcurlora_seg.engine.handlers import CaseMetrics, FiniteLoss, RunCheckpoints, TensorBoardValidation, first_loss
+from tcurlora_seg.engine.handlers import CaseMetrics, FiniteLoss, RunCheckpoints, TensorBoardValidation, TrainStats, first_loss
 from tcurlora_seg.engine.run import build_model, resolve_device, save_run_config
 from tcurlora_seg.errors import UserError
 
@@ -109,6 +109,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None) -> dict:
                                  int(cfg.trainer.keep_last_epochs), evaluator)
     checkpoints.attach(trainer)  # first: its Ctrl-C handler must run before others re-raise
     FiniteLoss(run_dir / "checkpoints").attach(trainer)
+    TrainStats(run_dir / "train_stats.json", count_trainable(model), device).attach(trainer)
     if evaluator is not None:
         interval = int(cfg.trainer.val_interval)
         ValidationHandler(validator=evaluator, interval=interval, epoch_level=True).attach(trainer)

@@ -1,12 +1,15 @@
+import json
 import math
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from tcurlora_seg.adapters import apply_adapter
-from tcurlora_seg.engine.handlers import FiniteLoss, RunCheckpoints, overlay, spacing_of
+from tcurlora_seg.engine.handlers import FiniteLoss, RunCheckpoints, TrainStats, overlay, spacing_of
 from tcurlora_seg.errors import UserError
 from tests.conftest import make_tiny_unetr
 
@@ -66,3 +69,23 @@ def test_spacing_from_affine_and_overlay_shape():
     panel = overlay(image, mask, mask)
     assert panel.shape == (4, 15, 3)
     assert panel[1, 5 + 1, 1] > panel[1, 10 + 1, 1]  # label panel tinted green, prediction panel red
+
+
+def status_mb(field: str) -> float:
+    return int(open("/proc/self/status").read().split(f"{field}:")[1].split()[0]) / 2**10
+
+
+def test_train_stats_time_steps_without_validation_and_peak_memory_of_this_training(tmp_path):
+    big = bytearray(400 * 2**20)  # an earlier job of the same process (Hydra multirun) touched 400 MB more
+    big[::4096] = b"x" * len(big[::4096])
+    del big
+    before = status_mb("VmHWM") if sys.platform == "linux" else 0.0
+    engine = Engine(lambda e, batch: time.sleep(0.01))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: time.sleep(0.2))  # validation: not a step
+    TrainStats(tmp_path / "train_stats.json", trainable=123, device=torch.device("cpu")).attach(engine)
+    engine.run([0, 1, 2], max_epochs=2)
+    stats = json.loads((tmp_path / "train_stats.json").read_text())
+    assert stats["trainable"] == 123 and stats["timed_steps"] == 5  # 6 steps, the first one is warm-up
+    assert 0.01 <= stats["step_time_s"] < 0.1
+    if sys.platform == "linux":  # the high-water mark was reset when training started
+        assert 0 < stats["peak_memory_mb"] < status_mb("VmRSS") + 50 < before - 300

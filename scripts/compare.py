@@ -1,0 +1,307 @@
+"""Compare fine-tuning methods side by side (the paper's Table 1) and ablate tCURLoRA's rank and tensor groups.
+
+    python scripts/compare.py                       # every method x seeds 0 1 2 on the demo, then the ablation
+    python scripts/compare.py --methods decoder_only lora tcurlora --seeds 0 1 --no-ablation
+    python scripts/compare.py --experiment eadc -- data.root=PATH model.pretrained=PATH/source_unetr.pt
+    python scripts/compare.py --ranks 4 8 --groups attn all -- trainer.max_epochs=100
+    python scripts/compare.py -- hydra/launcher=submitit_slurm hydra.launcher.partition=gpu  # SLURM jobs
+                                                    # (needs the hydra-submitit-launcher plugin)
+    python scripts/compare.py --collect-only outputs/compare/2025-01-01_12-00-00           # tables from finished runs
+
+Underneath are two Hydra multiruns of the real entry point, so any launcher works unchanged:
+    python -m tcurlora_seg.train -m +experiment=E peft=M1,M2,... seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/runs
+    python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=1,2,4,8,16 \\
+        peft.groups=[attn],[mlp_up,mlp_down],[attn,mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation
+Everything after ``--`` is passed to both as Hydra overrides (they come last, so they win). Runs evaluate their test
+split (``trainer.evaluate=true`` is added). Each method runs with its own defaults (``configs/peft/``); a ``peft.*``
+override after ``--`` reaches every method, and those without that key (full, decoder_only) stop on it.
+
+From every run folder it reads ``config.yaml`` (method, rank, groups, seed), ``eval/summary.json`` (foreground-mean
+Dice % and HD95 mm on the test split), ``train_stats.json`` (trainable parameters, mean seconds per training step
+without data loading or validation, peak memory: GPU max allocated, CPU max RSS) and the size of
+``checkpoints/best.pt`` (the adapter file). It writes into OUT (default ``outputs/compare/<time>``):
+    comparison.csv / ablation.csv    one row per run
+    comparison.md  / ablation.md     mean ± sample std over seeds per method (per rank x groups), also printed
+    comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds
+The demo pretrains its source model in the first run when it is not cached; on a cluster, where runs start
+together, run ``python -m tcurlora_seg.train +experiment=demo_source`` once first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tcurlora_seg.errors import UserError  # noqa: E402
+
+# The order of the paper's Table 1: references first, the rivals, tCURLoRA last.
+METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora"]
+RANKS = [1, 2, 4, 8, 16]
+GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_up", "mlp_down"]}
+FIELDS = ["method", "rank", "groups", "seed", "dice", "hd95", "trainable", "adapter_mb", "step_time_s",
+          "peak_memory_mb", "run_dir"]
+METRICS = ["trainable", "adapter_mb", "dice", "hd95", "step_time_s", "peak_memory_mb"]
+# (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
+# The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
+_REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True), ("HD95 mm", "hd95", 1, 2, True),
+         ("s/step", "step_time_s", 1, 3, True), ("peak MB", "peak_memory_mb", 1, 0, True)]
+COLUMNS = {"comparison": [("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
+           "ablation": [("trainable params", "trainable", 1, 0, False), *_REST]}
+SWEEPS = {"runs": "comparison", "ablation": "ablation"}  # sweep folder -> output stem
+KEYS = {"comparison": ["method"], "ablation": ["rank", "groups"]}
+
+
+# --- the sweeps ---------------------------------------------------------------------------------------------------
+
+def hydra_list(values: Sequence[str]) -> str:
+    return "[" + ",".join(values) + "]"
+
+
+def comparison_overrides(methods: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:
+    return [f"+experiment={experiment}", f"peft={','.join(methods)}", f"seed={','.join(map(str, seeds))}"]
+
+
+def ablation_overrides(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:
+    # Hydra sweeps over lists with comma-separated list literals: peft.groups=[attn],[mlp_up,mlp_down]
+    return [f"+experiment={experiment}", "peft=tcurlora", f"peft.rank={','.join(map(str, ranks))}",
+            f"peft.groups={','.join(hydra_list(GROUPS[g]) for g in groups)}", f"seed={','.join(map(str, seeds))}"]
+
+
+def run_sweep(overrides: Sequence[str], extra: Sequence[str], sweep_dir: Path) -> int:
+    """One Hydra multirun of ``tcurlora_seg.train`` into ``sweep_dir``; returns its exit code."""
+    command = [sys.executable, "-m", "tcurlora_seg.train", "-m", *overrides, "trainer.evaluate=true", *extra,
+               f"hydra.sweep.dir={sweep_dir}"]
+    print("$ " + shlex.join(command), flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(command, env=env).returncode
+
+
+# --- collecting run folders ---------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect_run(run_dir: Path) -> dict:
+    """One row of comparison.csv from a run folder; missing files leave their fields empty (None)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    peft = cfg["peft"]
+    summary = _read_json(run_dir / "eval" / "summary.json").get("foreground_mean", {})
+    stats = _read_json(run_dir / "train_stats.json")
+    best = run_dir / "checkpoints" / "best.pt"
+    if not summary:
+        print(f"warning: {run_dir} has no eval/summary.json (unfinished, or trained with trainer.evaluate=false: "
+              f"make eval RUN={run_dir})", file=sys.stderr)
+    return {
+        "method": peft["name"],
+        "rank": peft.get("rank"),
+        "groups": "+".join(peft["groups"]) if peft.get("groups") else None,
+        "seed": cfg["seed"],
+        "dice": summary.get("Dice"),
+        "hd95": summary.get("HD95"),
+        "trainable": stats.get("trainable"),
+        "adapter_mb": best.stat().st_size / 2**20 if best.is_file() else None,
+        "step_time_s": stats.get("step_time_s"),
+        "peak_memory_mb": stats.get("peak_memory_mb"),
+        "run_dir": str(run_dir),
+    }
+
+
+def run_folders(sweep_dir: Path) -> list[Path]:
+    """The run folders of a sweep, in job order (Hydra's own .hydra/config.yaml is not one)."""
+    runs = [p.parent for p in sweep_dir.glob("**/config.yaml") if p.parent.name != ".hydra"]
+    return sorted(runs, key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 0, p.name))
+
+
+# --- aggregation and outputs --------------------------------------------------------------------------------------
+
+def _values(rows: Sequence[dict], metric: str) -> list[float]:
+    values = [row.get(metric) for row in rows]
+    return [float(v) for v in values if v not in (None, "") and not math.isnan(float(v))]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1, as over seeds); NaN where undefined."""
+    mean = statistics.fmean(values) if values else math.nan
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
+    """One entry per distinct ``keys`` value (first-seen order): the keys, ``n`` runs and (mean, std) per metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return [{**dict(zip(keys, key)), "n": len(members), **{m: mean_std(_values(members, m)) for m in METRICS}}
+            for key, members in groups.items()]
+
+
+def cell(stat: tuple[float, float], scale: float, decimals: int, spread: bool = True) -> str:
+    mean, std = stat
+    if math.isnan(mean):
+        return "–"
+    text = f"{mean * scale:,.{decimals}f}"
+    return text if math.isnan(std) or not spread else f"{text} ± {std * scale:,.{decimals}f}"
+
+
+def markdown(entries: Sequence[dict], keys: Sequence[str], columns: Sequence[tuple] = COLUMNS["comparison"]) -> str:
+    headers = [*keys, *(c[0] for c in columns), "n seeds"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(keys) + "---:|" * (len(columns) + 1)]
+    for entry in entries:
+        cells = [str(entry[k]) for k in keys] + [cell(entry[m], *fmt) for _, m, *fmt in columns] + [str(entry["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain_ticks(ax, axis: str = "x") -> None:
+    """Log-axis ticks as 0.5, 2, 16 rather than 5×10⁻¹; minor ticks labelled too when the range is under a decade."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    plain = FuncFormatter(lambda x, _: f"{x:g}")
+    getattr(ax, f"{axis}axis").set_major_formatter(plain)
+    getattr(ax, f"{axis}axis").set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+
+
+def plot_comparison(entries: Sequence[dict], path: Path) -> None:
+    """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for entry in entries:
+        (params, _), (dice, std) = entry["trainable"], entry["dice"]
+        if math.isnan(params) or math.isnan(dice):
+            continue
+        ax.errorbar(params / 1e6, dice, yerr=0.0 if math.isnan(std) else std, fmt="o", capsize=3)
+        ax.annotate(entry["method"], (params / 1e6, dice), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    if hi / lo < 4:  # methods of near-equal size: widen around them, a log axis needs some ticks to label
+        ax.set_xlim(math.sqrt(lo * hi) / 2, math.sqrt(lo * hi) * 2)
+    ax.set(xlabel="trainable parameters (M, log scale)", ylabel="test Dice (%)",
+           title="Dice vs trainable parameters (mean ± std over seeds)")
+    _plain_ticks(ax)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_ablation(entries: Sequence[dict], path: Path) -> None:
+    """tCURLoRA Dice vs rank (log2 x), one line per tensor-group setting, error bars = std over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for groups in dict.fromkeys(e["groups"] for e in entries):
+        mine = [e for e in entries if e["groups"] == groups and not math.isnan(e["dice"][0])]
+        points = sorted((int(e["rank"]), *e["dice"]) for e in mine)  # (rank, mean Dice, std)
+        if points:
+            ranks, dice, std = zip(*points)
+            ax.errorbar(ranks, dice, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({int(e["rank"]) for e in entries}))
+    _plain_ticks(ax)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set(xlabel="rank r", ylabel="test Dice (%)", title="tCURLoRA: rank and tensor groups (mean ± std over seeds)")
+    ax.legend(title="groups")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def report(out: Path) -> list[Path]:
+    """Collect every sweep folder of ``out`` into its CSV, Markdown table and plot; print the tables."""
+    written = []
+    for folder, stem in SWEEPS.items():
+        runs = run_folders(out / folder)
+        if not runs:
+            continue
+        rows = [collect_run(run) for run in runs]
+        entries = aggregate(rows, KEYS[stem])
+        table = markdown(entries, KEYS[stem], COLUMNS[stem])
+        write_csv(rows, out / f"{stem}.csv")
+        (out / f"{stem}.md").write_text(table)
+        (plot_comparison if stem == "comparison" else plot_ablation)(entries, out / f"{stem}.png")
+        print(f"\n{stem} ({len(rows)} runs, {out / stem}.csv/.md/.png)\n{table}", flush=True)
+        written += [out / f"{stem}.{ext}" for ext in ("csv", "md", "png")]
+    if not written:
+        raise UserError(f"no run folders under {out}/runs or {out}/ablation; pass the OUT folder that compare.py wrote")
+    return written
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="Hydra overrides for every run go after --, e.g. -- trainer.max_epochs=100")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD",
+                        help=f"methods to compare (default: all: {' '.join(METHODS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds per method (default: 0 1 2)")
+    parser.add_argument("--experiment", default="demo", help="configs/experiment/ name (default: demo, the demo target task)")
+    parser.add_argument("--ranks", nargs="+", type=int, default=RANKS, help="ablation: tCURLoRA ranks (default: 1 2 4 8 16)")
+    parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS),
+                        help="ablation: tensor groups, attn | mlp (up + down) | all (default: all three settings)")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the rank x groups ablation")
+    parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
+    parser.add_argument("--collect-only", type=Path, metavar="OUT", help="only collect the runs already in OUT (no training)")
+    return parser.parse_args(argv), extra
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = parse(sys.argv[1:] if argv is None else argv)
+    out = args.collect_only or args.out or Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    failed = []
+    if args.collect_only is None:
+        out.mkdir(parents=True, exist_ok=True)
+        sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)}
+        if args.ablation:
+            sweeps["ablation"] = ablation_overrides(args.ranks, args.groups, args.seeds, args.experiment)
+        failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
+    problem = None
+    try:
+        report(out)
+    except UserError as err:
+        problem = str(err)
+    if failed:  # what finished is reported above; the rest can be collected once it is rerun or done
+        problem = (f"the {' and '.join(failed)} sweep failed (see its output above); the tables hold the runs that "
+                   f"finished; fix it and rerun, or collect later with --collect-only {out}")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())

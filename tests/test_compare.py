@@ -1,0 +1,135 @@
+"""scripts/compare.py: the sweeps through the real entry point on a toy cohort, and the mean ± std aggregation."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_official_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "compare.py"
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_compare()
+
+
+def run_compare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def tiny_overrides(root: Path) -> list[str]:
+    """The tiny UNETR from scratch on the toy cohort, one epoch of one step: the plumbing, not the numbers."""
+    return [
+        "data=official", f"data.root={root}", "data.roi_size=[32,32,32]", "data.batch_size=2", "data.num_workers=0",
+        "data.cache=none", "model=unetr_tiny", "model.pretrained=null", "trainer.max_epochs=1", "trainer.epoch_length=2",
+        "trainer.val_interval=1", "trainer.sw_batch_size=2", "trainer.progress=false", "trainer.device=cpu",
+        "trainer.log_images=false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("compare")
+    root = write_official_dataset(tmp / "toy")
+    out = tmp / "out"
+    result = run_compare(tmp, "--methods", "decoder_only", "tcurlora", "--seeds", "0", "--ranks", "1", "2",
+                         "--groups", "attn", "all", "--out", str(out), "--", *tiny_overrides(root))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out, result
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body cells of a Markdown table (below the header and the rule)."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+
+
+def test_compare_writes_csv_table_and_plot_per_sweep(swept):
+    out, result = swept
+    for stem in ("comparison", "ablation"):
+        assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"{stem} (" in result.stdout  # the tables are printed
+    rows = read_csv(out / "comparison.csv")
+    assert [r["method"] for r in rows] == ["decoder_only", "tcurlora"] and list(rows[0]) == compare.FIELDS
+    for row in rows:
+        assert 0 <= float(row["dice"]) <= 100 and float(row["hd95"]) >= 0
+        assert float(row["adapter_mb"]) > 0 and float(row["step_time_s"]) > 0 and float(row["peak_memory_mb"]) > 0
+    assert int(rows[1]["trainable"]) > int(rows[0]["trainable"]) > 0  # tCURLoRA trains U on top of the decoder
+    header = (out / "comparison.md").read_text().splitlines()[0]
+    assert all(h in header for h in ["method", "trainable params (M)", "adapter MB", "Dice %", "HD95 mm", "s/step",
+                                     "peak MB", "n seeds"])
+    assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
+
+    ablation = read_csv(out / "ablation.csv")
+    assert {(r["method"], r["rank"], r["groups"]) for r in ablation} == {
+        ("tcurlora", rank, groups) for rank in ("1", "2") for groups in ("attn", "attn+mlp_up+mlp_down")}
+    assert len(ablation) == 4 and len(table_rows((out / "ablation.md").read_text())) == 4
+
+
+def test_collect_only_rereads_the_runs_without_training(swept):
+    out, _ = swept
+    before = read_csv(out / "comparison.csv")
+    (out / "comparison.csv").unlink()
+    result = run_compare(out, "--collect-only", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_csv(out / "comparison.csv") == before and "tcurlora_seg.train" not in result.stdout
+
+
+def test_collect_only_without_runs_is_one_line_error(tmp_path):
+    result = run_compare(tmp_path, "--collect-only", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:") and len(result.stderr.splitlines()) == 1
+
+
+def test_failed_sweep_exits_2_and_names_collect_only(tmp_path):
+    result = run_compare(tmp_path, "--methods", "decoder_only", "--out", str(tmp_path / "out"), "--",
+                         "trainer.max_epoch=1")  # a typo: every job stops while Hydra composes its config
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the runs and ablation sweep failed") and "--collect-only" in last
+
+
+def test_aggregate_gives_mean_and_sample_std_per_method():
+    fields = ["method", "dice", "hd95", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb"]
+    rows = [dict(zip(fields, values)) for values in [
+        ("lora", 80.0, 3.0, 7e6, 28.0, 0.5, 900),
+        ("lora", 84.0, 5.0, 7e6, 28.0, 0.7, 1100),
+        ("tcurlora", 85.0, "", 2.7e6, 10.0, None, 800),  # empty CSV cell and missing stat: left out of the mean
+    ]]
+    lora, tcur = compare.aggregate(rows, ["method"])
+    assert (lora["method"], lora["n"], tcur["n"]) == ("lora", 2, 1)
+    assert lora["dice"] == pytest.approx((82.0, math.sqrt(8.0)))  # sample std (ddof=1) over seeds
+    assert tcur["dice"][0] == 85.0 and math.isnan(tcur["dice"][1]) and math.isnan(tcur["hd95"][0])
+    table = compare.markdown([lora, tcur], ["method"])
+    lora_row, tcur_row = table_rows(table)
+    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "4.00 ± 1.41", "0.600 ± 0.141",
+                        "1,000 ± 141", "2"]
+    assert tcur_row[3:6] == ["85.00", "–", "–"] and tcur_row[-1] == "1"
+
+
+def test_ablation_groups_sweep_is_a_hydra_list_sweep():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = compare.ablation_overrides([1, 2], ["attn", "mlp", "all"], [0], "demo")
+    parsed = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(overrides)}
+    assert list(parsed["peft.groups"].sweep_iterator()) == [["attn"], ["mlp_up", "mlp_down"], ["attn", "mlp_up", "mlp_down"]]
+    assert list(parsed["peft.rank"].sweep_iterator()) == [1, 2]
