@@ -141,20 +141,42 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
+def run_worker(args: argparse.Namespace, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method] + [
+        f"--{k}={v}" for k, v in (("crop", args.crop), ("batch", args.batch), ("device", args.device),
+                                  ("precision", args.precision), ("rank", args.rank), ("steps", args.steps),
+                                  ("warmup", args.warmup))
+    ]
+    print(f"... {method}", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        raise SystemExit(f"benchmark of {method} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def combine(runs: list[dict]) -> dict:
+    """One method over several rounds: median of the rounds' step medians, the largest peak memory."""
+    row = dict(runs[0])
+    for key in ("step_s", "base_s", "merged_s", "ratio"):
+        if key in row:
+            row[key] = statistics.median(r[key] for r in runs)
+    if "step_s" in row:
+        row["step_min_s"] = min(r["step_min_s"] for r in runs)
+        row["peak_mb"] = max(r["peak_mb"] for r in runs)
+    row["rounds"] = len(runs)
+    return row
+
+
 def run_all(args: argparse.Namespace) -> dict:
-    rows = []
-    for method in args.methods + (["inference"] if not args.no_inference else []):
-        cmd = [sys.executable, __file__, "--worker", method] + [
-            f"--{k}={v}" for k, v in (("crop", args.crop), ("batch", args.batch), ("device", args.device),
-                                      ("precision", args.precision), ("rank", args.rank), ("steps", args.steps),
-                                      ("warmup", args.warmup))
-        ]
-        print(f"... {method}", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            raise SystemExit(f"benchmark of {method} failed")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    # Methods alternate within each round, so that a slow drift of the machine (thermal, other load) spreads over
+    # all of them instead of biasing whichever ran last.
+    methods = args.methods + (["inference"] if not args.no_inference else [])
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for method in methods:
+            runs[method].append(run_worker(args, method))
+    rows = [combine(runs[m]) for m in methods]
     by_name = {r["method"]: r for r in rows}
     for ref in ("decoder_only", "floor"):
         if ref in by_name:
@@ -164,7 +186,7 @@ def run_all(args: argparse.Namespace) -> dict:
                     if ref == "decoder_only":
                         r["mem_vs_decoder_only"] = r["peak_mb"] / by_name[ref]["peak_mb"]
     return {
-        "settings": {k: getattr(args, k) for k in ("crop", "batch", "device", "precision", "rank", "steps", "warmup")},
+        "settings": {k: getattr(args, k) for k in ("crop", "batch", "device", "precision", "rank", "steps", "warmup", "rounds")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "results": rows,
@@ -173,7 +195,7 @@ def run_all(args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     s = report["settings"]
-    print(f"\n{s['crop']}³ crop, batch {s['batch']}, {s['device']}, {s['precision']}, median of {s['steps']} steps")
+    print(f"\n{s['crop']}³ crop, batch {s['batch']}, {s['device']}, {s['precision']}, median of {s['steps']} steps × {s.get('rounds', 1)} rounds")
     print("| method | trainable | step s | step vs decoder-only | step vs floor | peak MB | memory vs decoder-only |")
     print("|---|---|---|---|---|---|---|")
     nan = float("nan")
@@ -194,6 +216,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="tCURLoRA rank (the other methods use their defaults)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every method this often, alternating (robust medians)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench_results/bench_<device>_<crop>_b<batch>.json)")
