@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import asdict
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "DECODER",
@@ -29,9 +29,22 @@ VIT_LINEARS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
 
 
 class AdapterLayer(nn.Module):
-    """Marker base for a layer that wraps one frozen module (``base_layer``) and can fold its update in and out."""
+    """A layer that wraps one frozen module (``base_layer``) and adds ``adapter_output(x)`` unless merged.
+
+    Subclasses implement ``adapter_output`` (the update applied to x without forming ΔW where possible), ``merge``
+    (fold ΔW into the base weight, so the layer costs the base) and ``unmerge``.
+    """
 
     merged: bool = False
+
+    def adapter_output(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        return y + self.adapter_output(x).to(y.dtype)
 
     def merge(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError

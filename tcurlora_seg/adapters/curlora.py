@@ -90,12 +90,6 @@ class CURLinear(AdapterLayer):
         h = torch.einsum("...sr,sqr->...sq", h, self.cur_U.to(x.dtype))  # h Uᵀ
         return torch.einsum("...sq,soq->...so", h, self.cur_C.to(x.dtype)).flatten(-2)  # (..., s*out_c)
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        return y + self.adapter_output(x).to(y.dtype)
-
     @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW into the base weight."""

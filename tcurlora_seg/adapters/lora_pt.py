@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .base import AdapterLayer, check_choices, check_rank, freeze_for_adapter, options_dict
 from .targets import GROUPS, group_targets, stack_group
-from .tensor_cur import t_product
+from .tensor_cur import apply_t_product_slices, circulant_roll, t_product, t_product_slices
 
 __all__ = ["LoRAPTConfig", "principal_tsvd", "LoRAPTGroup", "LoRAPTLinear", "apply_lora_pt", "restore_lora_pt_init"]
 
@@ -123,31 +123,20 @@ class LoRAPTLinear(AdapterLayer):
         object.__setattr__(self, "group", group)  # registered once on the model, not per layer
         self.slices = tuple(slices)
         self.merged = False
-        k = torch.tensor(self.slices).unsqueeze(1)
-        # (U ∗ V')_k = sum_j U_{(k-j) mod n3} V'_j: block j of the re-indexed H is block (k - j)
-        self.register_buffer("lorapt_roll", (k - torch.arange(n3)) % n3, persistent=False)
+        # (U ∗ V')_k = sum_j U_{(k-j) mod n3} V'_j (tensor_cur.circulant_roll)
+        self.register_buffer("lorapt_roll", circulant_roll(self.slices, n3), persistent=False)
 
     def delta_slices(self) -> Tensor:
         """(U ∗ S ∗ V)_k for this layer's slices: (s, n1, n2), input × output."""
         Uflat, Vstack = self.group.factors()
-        n1, _, n3 = self.group.shape
-        rolled = Uflat.view(n1, n3, -1)[:, self.lorapt_roll.flatten(), :].reshape(n1, len(self.slices), -1).transpose(0, 1)
-        return rolled @ Vstack  # (s, n1, n3*r) @ (n3*r, n2) -> (s, n1, n2)
+        return t_product_slices(Uflat, self.lorapt_roll, Vstack)
 
     def adapter_output(self, x: Tensor) -> Tensor:
-        n1, n2, n3 = self.group.shape
+        n1, n2, _ = self.group.shape
         s, lead, tokens = len(self.slices), x.shape[:-1], x.numel() // n1
         Uflat, Vstack = self.group.factors()
-        H = x.reshape(tokens, n1) @ Uflat.to(x.dtype)  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
-        Hk = H.view(tokens, n3, -1)[:, self.lorapt_roll.flatten(), :]  # (T, s*n3, r)
-        out = Hk.reshape(tokens, s, -1) @ Vstack.to(x.dtype)  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
+        out = apply_t_product_slices(x.reshape(tokens, n1), Uflat.to(x.dtype), self.lorapt_roll, Vstack.to(x.dtype))
         return out.reshape(*lead, s * n2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        return y + self.adapter_output(x).to(y.dtype)
 
     @torch.no_grad()
     def add_slices(self, delta: Tensor, sign: float = 1.0) -> None:

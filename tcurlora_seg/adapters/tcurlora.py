@@ -27,7 +27,14 @@ from torch import Tensor, nn
 
 from .base import AdapterLayer, freeze_for_adapter
 from .targets import GROUPS, group_targets, stack_group
-from .tensor_cur import select_tensor_cur, t_product, tensor_cur_delta
+from .tensor_cur import (
+    apply_t_product_slices,
+    circulant_roll,
+    select_tensor_cur,
+    t_product,
+    t_product_slices,
+    tensor_cur_delta,
+)
 
 __all__ = ["TCURLoRAConfig", "TensorCURGroup", "TCURLinear", "apply_tcurlora"]
 
@@ -143,10 +150,8 @@ class TCURLinear(AdapterLayer):
         self.slices = tuple(slices)
         self.mode = mode
         self.merged = False
-        # roll[s, j] = (k_s - j) mod n3: block j of the re-indexed C (or H) is block (k - j), so that
-        # sum_j C_{(k-j)} V_j = ΔS_k with V's slices stacked in order j.
-        k = torch.tensor(self.slices).unsqueeze(1)
-        self.register_buffer("tcur_roll", (k - torch.arange(n3)) % n3, persistent=False)
+        # sum_j C_{(k-j)} V_j = ΔS_k with V's slices stacked in order j (tensor_cur.circulant_roll)
+        self.register_buffer("tcur_roll", circulant_roll(self.slices, n3), persistent=False)
 
     def _use_factored(self, tokens: int) -> bool:
         if self.mode != "auto":
@@ -157,37 +162,22 @@ class TCURLinear(AdapterLayer):
         materialized = s * n1 * width * n2 + s * tokens * n1 * n2
         return factored <= materialized
 
-    def _rolled_C(self) -> Tensor:
-        """(s, n1, n3·r): for slice k, C's slices re-indexed by (k - j) mod n3, side by side."""
-        n1, _, n3 = self.group.shape
-        C = self.group.tcur_Cflat.view(n1, n3, -1)  # (n1, n3, r)
-        rolled = C[:, self.tcur_roll.flatten(), :]  # (n1, s*n3, r)
-        return rolled.reshape(n1, len(self.slices), -1).transpose(0, 1)
-
     def delta_slices(self) -> Tensor:
         """ΔS_k for this layer's slices: (s, n1, n2), input × output."""
-        return self._rolled_C() @ self.group.Vstack()  # (s, n1, n3*r) @ (n3*r, n2) -> (s, n1, n2)
+        return t_product_slices(self.group.tcur_Cflat, self.tcur_roll, self.group.Vstack())
 
     def adapter_output(self, x: Tensor) -> Tensor:
         """x · ΔS_k for each owned slice, concatenated like the base output: (..., n1) -> (..., s·n2)."""
-        n1, n2, n3 = self.group.shape
+        n1, n2, _ = self.group.shape
         s = len(self.slices)
         lead = x.shape[:-1]
         tokens = x.numel() // n1
         if not self._use_factored(tokens):
             out = torch.einsum("ti,sio->tso", x.reshape(tokens, n1), self.delta_slices().to(x.dtype))
             return out.reshape(*lead, s * n2)
-        Vstack = self.group.Vstack().to(x.dtype)  # (n3*r, n2)
-        H = x.reshape(tokens, n1) @ self.group.tcur_Cflat.to(x.dtype)  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
-        Hk = H.view(tokens, n3, -1)[:, self.tcur_roll.flatten(), :]  # (T, s*n3, r), one H for q, k and v
-        out = Hk.reshape(tokens, s, -1) @ Vstack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
+        out = apply_t_product_slices(x.reshape(tokens, n1), self.group.tcur_Cflat.to(x.dtype), self.tcur_roll,
+                                     self.group.Vstack().to(x.dtype))
         return out.reshape(*lead, s * n2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        return y + self.adapter_output(x).to(y.dtype)
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:

@@ -9,7 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["t_product", "select_tensor_cur", "t_pinv", "tensor_cur_delta", "rfft_weights"]
+__all__ = [
+    "t_product",
+    "select_tensor_cur",
+    "t_pinv",
+    "tensor_cur_delta",
+    "rfft_weights",
+    "circulant_roll",
+    "t_product_slices",
+    "apply_t_product_slices",
+]
 
 
 def _check_3d(name: str, A: Tensor) -> None:
@@ -88,3 +97,33 @@ def t_pinv(A: Tensor) -> Tensor:
     n3 = A.shape[2]
     Af = torch.fft.rfft(A, dim=-1).permute(2, 0, 1)  # (F, n1, n2)
     return torch.fft.irfft(torch.linalg.pinv(Af).permute(1, 2, 0), n=n3, dim=-1)
+
+
+# Slices of A ∗ B without the FFT, for A and B given as their slices side by side (DESIGN.md §1.5):
+# (A ∗ B)_k = sum_j A_{(k-j) mod n3} B_j, i.e. A's blocks re-indexed by ``roll[k, j] = (k - j) mod n3`` times B stacked.
+
+
+def circulant_roll(slices: tuple[int, ...], n3: int) -> Tensor:
+    """``roll[i, j] = (slices[i] - j) mod n3``: (s, n3)."""
+    return (torch.tensor(slices).unsqueeze(1) - torch.arange(n3)) % n3
+
+
+def t_product_slices(A_flat: Tensor, roll: Tensor, B_stack: Tensor) -> Tensor:
+    """Slices k of A ∗ B: A_flat (n1, n3·r) with block j = A_j, B_stack (n3·r, n2) with block j = B_j -> (s, n1, n2)."""
+    n1 = A_flat.shape[0]
+    s, n3 = roll.shape
+    rolled = A_flat.view(n1, n3, -1)[:, roll.flatten(), :]  # (n1, s*n3, r)
+    return rolled.reshape(n1, s, -1).transpose(0, 1) @ B_stack  # (s, n1, n3*r) @ (n3*r, n2)
+
+
+def apply_t_product_slices(x: Tensor, A_flat: Tensor, roll: Tensor, B_stack: Tensor) -> Tensor:
+    """x · (A ∗ B)_k for the slices k of ``roll`` without forming them: x (T, n1) -> (T, s, n2).
+
+    ``H = x · A_flat`` is computed once for all slices (q, k and v of a layer share it) and re-indexed per slice;
+    cost per token n1·n3·r + s·n3·r·n2 instead of forming s full n1 × n2 matrices.
+    """
+    tokens = x.shape[0]
+    s, n3 = roll.shape
+    H = x @ A_flat  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
+    Hk = H.view(tokens, n3, -1)[:, roll.flatten(), :]  # (T, s*n3, r)
+    return Hk.reshape(tokens, s, -1) @ B_stack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)

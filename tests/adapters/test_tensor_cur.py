@@ -110,3 +110,18 @@ def test_t_pinv_inverts_invertible_tensor():
 def test_selection_rejects_bad_rank(rank):
     with pytest.raises(ValueError, match="rank"):
         select_tensor_cur(torch.randn(4, 6, 3), rank)
+
+
+def test_slices_without_fft_match_the_t_product():
+    from tcurlora_seg.adapters.tensor_cur import apply_t_product_slices, circulant_roll, t_product_slices
+
+    A, B = torch.randn(6, 2, 5), torch.randn(2, 4, 5)
+    full = t_product(A, B)  # (6, 4, 5)
+    A_flat = A.permute(0, 2, 1).reshape(6, -1)  # block j = A_j
+    B_stack = B.permute(2, 0, 1).reshape(-1, 4)  # block j = B_j
+    slices = (3, 0, 4)
+    roll = circulant_roll(slices, 5)
+    expected = full.permute(2, 0, 1)[list(slices)]  # (s, 6, 4)
+    torch.testing.assert_close(t_product_slices(A_flat, roll, B_stack), expected)
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(apply_t_product_slices(x, A_flat, roll, B_stack), torch.einsum("ti,sio->tso", x, expected))
