@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any, Callable
 from dataclasses import asdict
 
 import torch
@@ -51,6 +52,37 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+class ForwardCachedGroup(nn.Module):
+    """Tensors shared by many wrapped linears whose derived factors are computed once per forward pass of the model.
+
+    Every linear of a group needs the same factors (e.g. tCURLoRA's V = U ∗ R for 48 attention slices), so one
+    autograd node serves them all. The cache is dropped by ``clear_forward_caches`` (a forward pre-hook on the model)
+    and whenever a trainable tensor changes (optimizer step, load), the device or the grad mode differs, so stale or
+    graph-less factors are never used.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: tuple | None = None
+
+    def cached(self, params: tuple[Tensor, ...], compute: Callable[[], Any]) -> Any:
+        key = (tuple(p._version for p in params), params[0].device, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, compute())
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+
+def clear_forward_caches(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an adapted model: every group computes its factors afresh, once, in this pass."""
+    for module in model.modules():
+        if isinstance(module, ForwardCachedGroup):
+            module.clear_cache()
 
 
 def freeze_for_adapter(model: nn.Module, *, train_decoder: bool = True, train_out: bool = False) -> None:

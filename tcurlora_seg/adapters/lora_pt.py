@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterLayer, check_choices, check_rank, freeze_for_adapter, options_dict
+from .base import (
+    AdapterLayer,
+    ForwardCachedGroup,
+    check_choices,
+    check_rank,
+    clear_forward_caches,
+    freeze_for_adapter,
+    options_dict,
+)
 from .targets import GROUPS, group_targets, stack_group
 from .tensor_cur import apply_t_product_slices, circulant_roll, t_product, t_product_slices
 
@@ -69,7 +77,7 @@ def principal_tsvd(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     return U.to(W.dtype), S.to(W.dtype), V.to(W.dtype)
 
 
-class LoRAPTGroup(nn.Module):
+class LoRAPTGroup(ForwardCachedGroup):
     """U, S, V of one stacked tensor (trainable) and their initial values U0, S0, V0 (buffers, saved with the adapter)."""
 
     def __init__(self, W: Tensor, rank: int) -> None:
@@ -81,7 +89,6 @@ class LoRAPTGroup(nn.Module):
         self.register_buffer("lorapt_U0", U)
         self.register_buffer("lorapt_S0", S)
         self.register_buffer("lorapt_V0", V)
-        self._cache: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -94,17 +101,14 @@ class LoRAPTGroup(nn.Module):
 
     def factors(self) -> tuple[Tensor, Tensor]:
         """(Uflat (n1, n3·r), V'stack (n3·r, n2)) with V' = S ∗ V; once per model forward (cache as in tCURLoRA)."""
-        params = (self.lorapt_U, self.lorapt_S, self.lorapt_V)
-        key = (tuple(p._version for p in params), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
+
+        def compute() -> tuple[Tensor, Tensor]:
             n1, r, n3 = self.lorapt_U.shape
             Vp = t_product(self.lorapt_S, self.lorapt_V)  # (r, n2, n3)
             Uflat = self.lorapt_U.permute(0, 2, 1).reshape(n1, n3 * r)  # block j = U_j
-            self._cache = (key, (Uflat, Vp.permute(2, 0, 1).reshape(n3 * r, -1)))
-        return self._cache[1]
+            return Uflat, Vp.permute(2, 0, 1).reshape(n3 * r, -1)
 
-    def clear_cache(self) -> None:
-        self._cache = None
+        return self.cached((self.lorapt_U, self.lorapt_S, self.lorapt_V), compute)
 
     def extra_repr(self) -> str:
         n1, n2, n3 = self.shape
@@ -177,13 +181,8 @@ def apply_lora_pt(model: nn.Module, **options) -> dict:
             layer.add_slices(principal[..., list(target.slices)].permute(2, 0, 1), -1.0)  # W̃ - P: the frozen residual
             setattr(parent, attr, layer)
     model.lorapt_groups = groups
-    model.register_forward_pre_hook(_clear_group_caches)
+    model.register_forward_pre_hook(clear_forward_caches)
     return options_dict(config)
-
-
-def _clear_group_caches(model: nn.Module, args: tuple) -> None:
-    for group in model.lorapt_groups.values():
-        group.clear_cache()
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import AdapterLayer, freeze_for_adapter
+from .base import AdapterLayer, ForwardCachedGroup, clear_forward_caches, freeze_for_adapter
 from .targets import GROUPS, group_targets, stack_group
 from .tensor_cur import (
     apply_t_product_slices,
@@ -77,7 +77,7 @@ class TCURLoRAConfig:
         return options
 
 
-class TensorCURGroup(nn.Module):
+class TensorCURGroup(ForwardCachedGroup):
     """C, U, R of one stacked tensor W̃ (n1, n2, n3), shared by the linears whose slices it holds.
 
     ``tcur_C`` = W̃[:, cols, :] (n1, r, n3) and ``tcur_R`` = W̃[rows, :, :] (r, n2, n3) are fixed buffers rebuilt from the
@@ -100,7 +100,6 @@ class TensorCURGroup(nn.Module):
         # C's slices side by side, (n1, n3·r), block j = C_j: the layout every forward multiplies with
         self.register_buffer("tcur_Cflat", self.tcur_C.permute(0, 2, 1).reshape(n1, -1).contiguous(), persistent=False)
         self.tcur_U = nn.Parameter(torch.zeros(rank, rank, n3, dtype=W.dtype, device=W.device))
-        self._cache: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -112,20 +111,13 @@ class TensorCURGroup(nn.Module):
         return t_product(self.tcur_U, self.tcur_R)
 
     def Vstack(self) -> Tensor:
-        """V's slices stacked, (n3·r, n2), block j = V_j; computed once per forward pass of the model.
+        """V's slices stacked, (n3·r, n2), block j = V_j; computed once per forward pass of the model."""
 
-        Every linear of the group needs it (48 attention slices), so one autograd node serves them all. The cache is
-        dropped by a forward pre-hook on the model and whenever U changes (optimizer step, load) or the grad mode
-        differs, so a stale or graph-less V is never used.
-        """
-        key = (self.tcur_U._version, self.tcur_U.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
+        def stack() -> Tensor:
             V = self.V()
-            self._cache = (key, V.permute(2, 0, 1).reshape(-1, V.shape[1]))
-        return self._cache[1]
+            return V.permute(2, 0, 1).reshape(-1, V.shape[1])
 
-    def clear_cache(self) -> None:
-        self._cache = None
+        return self.cached((self.tcur_U,), stack)
 
     def delta(self) -> Tensor:
         """The full ΔW = C ∗ U ∗ R (n1, n2, n3)."""
@@ -218,11 +210,5 @@ def apply_tcurlora(model: nn.Module, **options) -> dict:
             parent = model.get_submodule(parent_path)
             setattr(parent, attr, TCURLinear(getattr(parent, attr), group, target.slices, config.mode))
     model.tcur_groups = groups
-    model.register_forward_pre_hook(_clear_group_caches)
+    model.register_forward_pre_hook(clear_forward_caches)
     return config.to_dict()
-
-
-def _clear_group_caches(model: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: each forward pass of the model computes every group's V = U ∗ R afresh, once."""
-    for group in model.tcur_groups.values():
-        group.clear_cache()
