@@ -8,10 +8,14 @@
                                                     # (needs the hydra-submitit-launcher plugin)
     python scripts/compare.py --collect-only outputs/compare/2025-01-01_12-00-00           # tables from finished runs
 
-Underneath are two Hydra multiruns of the real entry point, so any launcher works unchanged:
+Underneath are Hydra multiruns of the real entry point, so any launcher works unchanged:
     python -m tcurlora_seg.train -m +experiment=E peft=M1,M2,... seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/runs
     python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=1,2,4,8,16 \\
-        peft.groups=[attn],[mlp_up,mlp_down],[attn,mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation
+        peft.groups=[attn,mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation/rank
+    python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=8 \\
+        peft.groups=[attn],[mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation/groups
+The ablation varies one factor at a time (rank with all three tensors; tensor groups at rank 8); ``--grid`` runs
+every rank x group setting instead, in OUT/ablation/grid.
 Everything after ``--`` is passed to both as Hydra overrides (they come last, so they win). Runs evaluate their test
 split (``trainer.evaluate=true`` is added). Each method runs with its own defaults (``configs/peft/``); a ``peft.*``
 override after ``--`` reaches every method, and those without that key (full, decoder_only) stop on it.
@@ -75,9 +79,26 @@ def comparison_overrides(methods: Sequence[str], seeds: Sequence[int], experimen
 
 
 def ablation_overrides(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:
+    """One tCURLoRA multirun over ranks x group settings (the full grid when both have several values)."""
     # Hydra sweeps over lists with comma-separated list literals: peft.groups=[attn],[mlp_up,mlp_down]
     return [f"+experiment={experiment}", "peft=tcurlora", f"peft.rank={','.join(map(str, ranks))}",
             f"peft.groups={','.join(hydra_list(GROUPS[g]) for g in groups)}", f"seed={','.join(map(str, seeds))}"]
+
+
+def ablation_sweeps(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str,
+                    groups_rank: int, grid: bool) -> dict[str, list[str]]:
+    """The ablation's multiruns, by sub-folder of ``ablation/``.
+
+    By default one factor at a time: every rank with all three tensors, then the other group settings at
+    ``groups_rank`` (the paper's r = 8); the grid costs ranks x groups runs per seed instead of ranks + groups - 1.
+    """
+    if grid:
+        return {"grid": ablation_overrides(ranks, groups, seeds, experiment)}
+    sweeps = {"rank": ablation_overrides(ranks, ["all"], seeds, experiment)}
+    others = [g for g in groups if g != "all" or groups_rank not in ranks]  # (all, groups_rank) ran above
+    if others:
+        sweeps["groups"] = ablation_overrides([groups_rank], others, seeds, experiment)
+    return sweeps
 
 
 def run_sweep(overrides: Sequence[str], extra: Sequence[str], sweep_dir: Path) -> int:
@@ -123,9 +144,10 @@ def collect_run(run_dir: Path) -> dict:
 
 
 def run_folders(sweep_dir: Path) -> list[Path]:
-    """The run folders of a sweep, in job order (Hydra's own .hydra/config.yaml is not one)."""
+    """The run folders under a sweep folder (its sub-sweeps too), in job order (Hydra's .hydra/config.yaml is not one)."""
     runs = [p.parent for p in sweep_dir.glob("**/config.yaml") if p.parent.name != ".hydra"]
-    return sorted(runs, key=lambda p: (int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 0, p.name))
+    job = lambda p: int(p.name.split("_")[0]) if p.name.split("_")[0].isdigit() else 0  # noqa: E731
+    return sorted(runs, key=lambda p: (str(p.parent), job(p), p.name))
 
 
 # --- aggregation and outputs --------------------------------------------------------------------------------------
@@ -248,6 +270,8 @@ def report(out: Path) -> list[Path]:
             continue
         rows = [collect_run(run) for run in runs]
         entries = aggregate(rows, KEYS[stem])
+        if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
+            entries.sort(key=lambda e: (e["groups"] or "", int(e["rank"])))
         table = markdown(entries, KEYS[stem], COLUMNS[stem])
         write_csv(rows, out / f"{stem}.csv")
         (out / f"{stem}.md").write_text(table)
@@ -274,7 +298,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ranks", nargs="+", type=int, default=RANKS, help="ablation: tCURLoRA ranks (default: 1 2 4 8 16)")
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS),
                         help="ablation: tensor groups, attn | mlp (up + down) | all (default: all three settings)")
-    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the rank x groups ablation")
+    parser.add_argument("--groups-rank", type=int, default=8,
+                        help="ablation: the rank at which the group settings are compared (default: 8, the paper's)")
+    parser.add_argument("--grid", action="store_true",
+                        help="ablation: every rank x every group setting (default: one factor at a time)")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the tCURLoRA ablation")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument("--collect-only", type=Path, metavar="OUT", help="only collect the runs already in OUT (no training)")
     return parser.parse_args(argv), extra
@@ -288,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)}
         if args.ablation:
-            sweeps["ablation"] = ablation_overrides(args.ranks, args.groups, args.seeds, args.experiment)
+            ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid)
+            sweeps.update({f"ablation/{name}": overrides for name, overrides in ablation.items()})
         failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
     problem = None
     try:
@@ -296,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         problem = str(err)
     if failed:  # what finished is reported above; the rest can be collected once it is rerun or done
-        problem = (f"the {' and '.join(failed)} sweep failed (see its output above); the tables hold the runs that "
+        problem = (f"sweeps failed: {', '.join(failed)} (see the output above); the tables hold the runs that "
                    f"finished; fix it and rerun, or collect later with --collect-only {out}")
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -49,7 +49,7 @@ def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     root = write_official_dataset(tmp / "toy")
     out = tmp / "out"
     result = run_compare(tmp, "--methods", "decoder_only", "tcurlora", "--seeds", "0", "--ranks", "1", "2",
-                         "--groups", "attn", "all", "--out", str(out), "--", *tiny_overrides(root))
+                         "--groups", "attn", "all", "--groups-rank", "1", "--out", str(out), "--", *tiny_overrides(root))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return out, result
 
@@ -81,9 +81,11 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
 
     ablation = read_csv(out / "ablation.csv")
+    # one factor at a time: ranks 1 and 2 with all tensors, then attention only at rank 1
     assert {(r["method"], r["rank"], r["groups"]) for r in ablation} == {
-        ("tcurlora", rank, groups) for rank in ("1", "2") for groups in ("attn", "attn+mlp_up+mlp_down")}
-    assert len(ablation) == 4 and len(table_rows((out / "ablation.md").read_text())) == 4
+        ("tcurlora", "1", "attn+mlp_up+mlp_down"), ("tcurlora", "2", "attn+mlp_up+mlp_down"), ("tcurlora", "1", "attn")}
+    table = table_rows((out / "ablation.md").read_text())
+    assert [row[:2] for row in table] == [["1", "attn"], ["1", "attn+mlp_up+mlp_down"], ["2", "attn+mlp_up+mlp_down"]]
 
 
 def test_collect_only_rereads_the_runs_without_training(swept):
@@ -105,7 +107,7 @@ def test_failed_sweep_exits_2_and_names_collect_only(tmp_path):
                          "trainer.max_epoch=1")  # a typo: every job stops while Hydra composes its config
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the runs and ablation sweep failed") and "--collect-only" in last
+    assert last.startswith("error: sweeps failed: runs, ablation/rank, ablation/groups") and "--collect-only" in last
 
 
 def test_aggregate_gives_mean_and_sample_std_per_method():
@@ -133,3 +135,16 @@ def test_ablation_groups_sweep_is_a_hydra_list_sweep():
     parsed = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(overrides)}
     assert list(parsed["peft.groups"].sweep_iterator()) == [["attn"], ["mlp_up", "mlp_down"], ["attn", "mlp_up", "mlp_down"]]
     assert list(parsed["peft.rank"].sweep_iterator()) == [1, 2]
+
+
+def test_ablation_is_one_factor_at_a_time_unless_grid():
+    sweeps = compare.ablation_sweeps([1, 8], ["attn", "mlp", "all"], [0, 1], "demo", groups_rank=8, grid=False)
+    assert list(sweeps) == ["rank", "groups"]
+    assert "peft.rank=1,8" in sweeps["rank"] and "peft.groups=[attn,mlp_up,mlp_down]" in sweeps["rank"]
+    # (all, 8) already ran in the rank sweep
+    assert "peft.rank=8" in sweeps["groups"] and "peft.groups=[attn],[mlp_up,mlp_down]" in sweeps["groups"]
+    # a groups rank outside the rank sweep needs all three settings
+    assert "peft.groups=[attn],[mlp_up,mlp_down],[attn,mlp_up,mlp_down]" in compare.ablation_sweeps(
+        [1], ["attn", "mlp", "all"], [0], "demo", groups_rank=8, grid=False)["groups"]
+    grid = compare.ablation_sweeps([1, 8], ["attn", "all"], [0], "demo", groups_rank=8, grid=True)
+    assert list(grid) == ["grid"] and "peft.rank=1,8" in grid["grid"] and "peft.groups=[attn],[attn,mlp_up,mlp_down]" in grid["grid"]
