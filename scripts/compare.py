@@ -9,7 +9,7 @@
     python scripts/compare.py --collect-only outputs/compare/2025-01-01_12-00-00           # tables from finished runs
 
 Underneath are Hydra multiruns of the real entry point, so any launcher works unchanged:
-    python -m tcurlora_seg.train -m +experiment=E peft=M1,M2,... seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/runs
+    python -m tcurlora_seg.train -m +experiment=E seed=0,1,2 peft=M1,M2,... [EXTRA] hydra.sweep.dir=OUT/runs
     python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=1,2,4,8,16 \\
         peft.groups=[attn,mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation/rank
     python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=8 \\
@@ -75,7 +75,9 @@ def hydra_list(values: Sequence[str]) -> str:
 
 
 def comparison_overrides(methods: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:
-    return [f"+experiment={experiment}", f"peft={','.join(methods)}", f"seed={','.join(map(str, seeds))}"]
+    # Hydra varies the first sweep override slowest: seed first runs every method once before any second seed, so
+    # a sweep stopped part-way still compares every method
+    return [f"+experiment={experiment}", f"seed={','.join(map(str, seeds))}", f"peft={','.join(methods)}"]
 
 
 def ablation_overrides(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:

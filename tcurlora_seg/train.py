@@ -6,6 +6,8 @@
     python -m tcurlora_seg.train peft.rank=16 optim.lr=5e-4 trainer.max_epochs=200 data.roi_size=[64,64,64]
     python -m tcurlora_seg.train -m peft.rank=4,8,16 seed=0,1,2   # Hydra multirun sweep
     python -m tcurlora_seg.train trainer.resume=true [trainer.run_dir=outputs/...]   # continue the latest run
+    python -m tcurlora_seg.train hydra.run.dir=runs/a trainer.resume=auto           # continue runs/a if it has started
+    torchrun --nproc_per_node=4 -m tcurlora_seg.train +experiment=brats ...         # data-parallel (4 GPUs)
     tensorboard --logdir outputs
 
 Each run writes a folder under outputs/ (layout in ``tcurlora_seg.engine.run``); errors a user can fix print one
@@ -15,6 +17,7 @@ line and exit with code 2.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -41,14 +44,36 @@ def ensure_pretrained(cfg: DictConfig) -> None:
     log.info(f"{path} not found: pretraining it first with +experiment={experiment}")
     command = [sys.executable, "-m", "tcurlora_seg.train", f"+experiment={experiment}", f"seed={cfg.seed}",
                f"trainer.device={cfg.trainer.device}", f"trainer.progress={cfg.trainer.progress}"]
-    if subprocess.run(command).returncode != 0 or not Path(path).is_file():
+    # one process: under torchrun, rank 0 pretrains while the others wait, so torchrun's variables must not reach it
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    if subprocess.run(command, env=env).returncode != 0 or not Path(path).is_file():
         raise UserError(f"pretraining with +experiment={experiment} did not produce {path}; see its output above")
 
 
-def _resume_target(cfg: DictConfig, new_dir: Path) -> Path:
+def _resume_target(cfg: DictConfig, new_dir: Path) -> Path | None:
+    """The run folder to continue, or None for a new run in ``new_dir`` (Hydra's folder for this call).
+
+    ``trainer.resume``: true continues ``trainer.run_dir`` (default: the latest run under outputs/); auto continues
+    ``trainer.run_dir`` (default: ``new_dir``, e.g. a requeued SLURM job's own folder) when it holds checkpoints/last.pt
+    and else starts a new run; false starts a new run and refuses a folder that already holds one.
+    """
     from tcurlora_seg.engine.run import latest_run
 
-    target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else latest_run("outputs")
+    mode = cfg.trainer.resume
+    if mode not in (True, False, "auto"):
+        raise UserError(f"trainer.resume={mode!r}: choose true, false or auto")
+    last = Path("checkpoints") / "last.pt"
+    if mode is False:
+        if (new_dir / last).is_file():  # a fixed hydra.run.dir / sweep dir: never overwrite a run's checkpoints
+            raise UserError(f"{new_dir} already holds a training run ({last}); continue it with trainer.resume=true "
+                            f"trainer.run_dir={new_dir}, or choose another hydra.run.dir")
+        return None
+    if mode == "auto":
+        target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else new_dir
+        if not (target / last).is_file():
+            return None
+    else:
+        target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else latest_run("outputs")
     if target.resolve() != new_dir.resolve() and not (new_dir / "config.yaml").exists():
         shutil.rmtree(new_dir, ignore_errors=True)  # Hydra's fresh folder for this call: the run continues elsewhere
     return target
@@ -80,28 +105,60 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> None:
               f"after {after['foreground_mean']['Dice']:.2f} %")
 
 
+def _follow_main(own_dir: Path, main_dir: Path) -> None:
+    """A rank other than 0: log warnings only, to the console, and drop the folder Hydra made for it (when its clock
+    gave it another name than rank 0's), so that a torchrun run leaves one run folder."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # Hydra's console and file handlers: every logger (ignite's too) ends there
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+        else:
+            handler.setLevel(logging.WARNING)
+    if own_dir.resolve() != main_dir.resolve() and not (own_dir / "config.yaml").exists():
+        shutil.rmtree(own_dir, ignore_errors=True)
+
+
 def run(cfg: DictConfig) -> None:
+    from tcurlora_seg.engine import distributed
+
+    ctx, device = distributed.init(cfg.trainer.device)
+    try:
+        _run(cfg, ctx, device)
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg: DictConfig, ctx, device) -> None:
+    from tcurlora_seg.engine import distributed
     from tcurlora_seg.engine.run import checkpoint_path, load_run_config
     from tcurlora_seg.engine.trainer import fit
     from tcurlora_seg.models.checkpoint import load_checkpoint
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    own_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = distributed.broadcast(ctx, own_dir)  # rank 0's folder: the clocks of the ranks may name theirs apart
+    if not ctx.is_main:
+        _follow_main(own_dir, run_dir)
     resume = None
-    if cfg.trainer.resume:
-        run_dir = _resume_target(cfg, run_dir)
+    target = distributed.on_main(ctx, lambda: _resume_target(cfg, run_dir))
+    if target is not None:
+        run_dir = target
         resume = load_checkpoint(checkpoint_path(run_dir, "last"))
         cfg = load_run_config(run_dir)  # the run continues with the config it started with
         if resume["epoch"] >= cfg.trainer.max_epochs:
             log.info(f"{run_dir} already finished its {cfg.trainer.max_epochs} epochs")
             return
     else:
-        ensure_pretrained(cfg)
+        distributed.on_main(ctx, lambda: ensure_pretrained(cfg))  # the demo's source model: pretrained once
     try:
-        result = fit(cfg, run_dir, resume)
+        result = fit(cfg, run_dir, resume, ctx, device)
     except KeyboardInterrupt:
-        print(f"stopped by Ctrl-C; continue with: python -m tcurlora_seg.train trainer.resume=true trainer.run_dir={run_dir}",
-              file=sys.stderr)
+        if ctx.is_main:
+            print(f"stopped by Ctrl-C; continue with: python -m tcurlora_seg.train trainer.resume=true "
+                  f"trainer.run_dir={run_dir}", file=sys.stderr)
         sys.exit(130)
+    if not ctx.is_main:  # export and test evaluation: rank 0 alone, on the finished model
+        return
     if cfg.get("export_model"):
         export(result["model"], cfg, cfg.export_model)
     best = result["best_dice"]

@@ -3,6 +3,7 @@
 - ``CaseMetrics``: per-case Dice (%) and HD95 (mm, with the label's spacing and the empty-mask policy of
   ``engine.metrics``) on the evaluator, aggregated per validation round; keeps the first case for image logging.
 - ``RunCheckpoints``: atomic adapter-only checkpoints (last / best / last K epochs), and one on Ctrl-C.
+- ``GlobalLoss``: under torchrun, the iteration's loss averaged over ranks (what is logged, and what stops a run).
 - ``FiniteLoss``: stop at the first NaN/Inf loss with a message naming epoch and iteration.
 - ``TensorBoardValidation``: val/dice, val/hd95, lr and an image | label | prediction mid-slice in TensorBoard.
 - ``TrainStats``: ``train_stats.json`` (trainable parameters, time per training step, peak memory) for comparisons.
@@ -24,6 +25,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from tcurlora_seg.adapters import adapter_state_dict
+from tcurlora_seg.engine import distributed
+from tcurlora_seg.engine.distributed import Dist
 from tcurlora_seg.engine.metrics import case_metrics, summarize
 from tcurlora_seg.engine.run import FORMAT, epoch_checkpoints
 from tcurlora_seg.errors import UserError
@@ -31,7 +34,7 @@ from tcurlora_seg.models.checkpoint import save_checkpoint
 
 log = logging.getLogger("tcurlora_seg")
 
-__all__ = ["CaseMetrics", "RunCheckpoints", "FiniteLoss", "TensorBoardValidation", "TrainStats", "spacing_of", "first_loss", "overlay"]
+__all__ = ["CaseMetrics", "RunCheckpoints", "GlobalLoss", "FiniteLoss", "TensorBoardValidation", "TrainStats", "spacing_of", "first_loss", "overlay"]
 
 
 def spacing_of(tensor: Any) -> tuple[float, ...]:
@@ -44,10 +47,14 @@ def spacing_of(tensor: Any) -> tuple[float, ...]:
 
 
 class CaseMetrics:
-    """Dice and HD95 of every validation case; ``engine.state.metrics`` gets ``dice`` and ``hd95`` (foreground means)."""
+    """Dice and HD95 of every validation case; ``engine.state.metrics`` gets ``dice`` and ``hd95`` (foreground means).
 
-    def __init__(self, num_classes: int) -> None:
-        self.num_classes = num_classes
+    With a distributed ``ctx`` each rank sees its share of the cases; the per-case results of all ranks are gathered
+    before the means, so every rank gets the metrics of the whole validation split.
+    """
+
+    def __init__(self, num_classes: int, ctx: Dist = Dist()) -> None:
+        self.num_classes, self.ctx = num_classes, ctx
         self.cases: list[dict] = []
         self.first: dict[str, np.ndarray] | None = None
 
@@ -69,11 +76,34 @@ class CaseMetrics:
                 self.first = {"image": item["image"].detach().cpu()[0].numpy(), "label": label[0].numpy(), "pred": pred[0].numpy()}
 
     def _aggregate(self, engine: Engine) -> None:
-        if not self.cases:
+        cases = [case for share in distributed.all_gather(self.ctx, self.cases) for case in share]
+        if not cases:
             return
-        fg = summarize(self.cases)["foreground_mean"]
+        fg = summarize(cases)["foreground_mean"]
         engine.state.metrics["dice"] = float(fg["Dice"])
         engine.state.metrics["hd95"] = float(fg["HD95"])
+
+
+class GlobalLoss:
+    """Under torchrun, each rank's iteration loss becomes the mean over ranks (its gradient already is, by DDP).
+
+    Attached before every reader of the loss: TensorBoard then shows the loss of the global batch (the same curve
+    as one process with the whole batch), and a NaN on one rank stops all of them at the same iteration.
+    """
+
+    def __init__(self, ctx: Dist) -> None:
+        self.ctx = ctx
+
+    def attach(self, engine: Engine) -> None:
+        if self.ctx.enabled:
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        loss = distributed.mean(self.ctx, torch.as_tensor(items[0]["loss"]).detach().float())
+        for item in items:
+            item["loss"] = loss
 
 
 class FiniteLoss:
@@ -205,8 +235,8 @@ class TrainStats:
     job in one process), else the process's max RSS. A resumed run counts only the steps of its own process.
     """
 
-    def __init__(self, path: Path, trainable: int, device: torch.device) -> None:
-        self.path, self.trainable, self.device = path, trainable, device
+    def __init__(self, path: Path, trainable: int, device: torch.device, world_size: int = 1) -> None:
+        self.path, self.trainable, self.device, self.world_size = path, trainable, device, world_size
         self.steps: list[float] = []
         self._start = 0.0
 
@@ -254,6 +284,7 @@ class TrainStats:
             "timed_steps": len(timed),
             "peak_memory_mb": self.peak_memory_mb(),
             "device": str(self.device),
+            "processes": self.world_size,  # step time and memory are rank 0's; the global batch is this many times larger
         }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(stats, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """Training: MONAI ``SupervisedTrainer`` / ``SupervisedEvaluator`` with stock and app handlers, built from config.
 
 ``fit(cfg, run_dir)`` is the whole loop: data check, model (+ pretrained + adapter), loaders, engines, checkpoints,
-TensorBoard, resume. One ``build_*`` function per object; no hand-written loop.
+TensorBoard, resume. One ``build_*`` function per object; no hand-written loop. Under torchrun the same loop runs in
+every process (``engine.distributed``): DistributedDataParallel, a DistributedSampler per split, rank 0 writes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from tcurlora_seg.adapters import count_trainable, load_adapter_state_dict
 from tcurlora_seg.data.check import run_check
 from tcurlora_seg.data.datasets import build_dataset, build_loader
 from tcurlora_seg.data.layouts import load_cases
-from tcurlora_seg.engine.handlers import CaseMetrics, FiniteLoss, RunCheckpoints, TensorBoardValidation, TrainStats, first_loss
+from tcurlora_seg.engine import distributed
+from tcurlora_seg.engine.distributed import Dist
+from tcurlora_seg.engine.handlers import (CaseMetrics, FiniteLoss, GlobalLoss, RunCheckpoints, TensorBoardValidation,
+                                          TrainStats, first_loss)
 from tcurlora_seg.engine.run import build_model, resolve_device, save_run_config
 from tcurlora_seg.errors import UserError
 
@@ -37,17 +41,36 @@ __all__ = ["build_loaders", "build_evaluator", "build_trainer", "fit"]
 log = logging.getLogger("tcurlora_seg")
 
 
-def build_loaders(cfg: DictConfig, run_dir: Path) -> tuple[Any, Any | None]:
+def _samplers(cfg: DictConfig, ctx: Dist, train: Any, val: Any | None) -> tuple[Any, Any]:
+    """Per-rank shares: training cases shuffled per epoch (MONAI's workflow calls set_epoch), validation cases
+    split without repeats (their metrics are gathered, so a repeated case would count twice); with fewer validation
+    cases than ranks every rank validates all of them instead."""
+    if not ctx.enabled:
+        return None, None
+    from monai.data import DistributedSampler
+
+    train_sampler = DistributedSampler(train, shuffle=True, num_replicas=ctx.world_size, rank=ctx.rank)
+    train_sampler.seed = int(cfg.seed)
+    val_sampler = None
+    if val is not None and len(val) >= ctx.world_size:
+        val_sampler = DistributedSampler(val, shuffle=False, even_divisible=False, num_replicas=ctx.world_size, rank=ctx.rank)
+    return train_sampler, val_sampler
+
+
+def build_loaders(cfg: DictConfig, run_dir: Path, ctx: Dist = Dist()) -> tuple[Any, Any | None]:
     """Check every case (exit code 2 on problems, split.json into the run folder), then the train / val loaders."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     cases = load_cases(data)
-    if run_check(data, cases, run_dir) != 0:
+    if distributed.on_main(ctx, lambda: run_check(data, cases, run_dir)) != 0:  # one report, from rank 0
         raise SystemExit(2)
     if not cases["train"]:
         raise UserError(f"data.split gives no training case for data.root={data['root']}; set data.split.train")
-    train = build_loader(data, build_dataset(data, cases["train"], "train"), "train")
-    val = build_loader(data, build_dataset(data, cases["val"], "val"), "val") if cases["val"] else None
-    return train, val
+    train = build_dataset(data, cases["train"], "train")
+    val = build_dataset(data, cases["val"], "val") if cases["val"] else None
+    train_sampler, val_sampler = _samplers(cfg, ctx, train, val)
+    train_loader = build_loader(data, train, "train", sampler=train_sampler)
+    val_loader = build_loader(data, val, "val", sampler=val_sampler) if val is not None else None
+    return train_loader, val_loader
 
 
 def _amp(cfg: DictConfig) -> dict[str, Any]:
@@ -57,9 +80,15 @@ def _amp(cfg: DictConfig) -> dict[str, Any]:
     return {"amp": precision == "bf16", "amp_kwargs": {"dtype": torch.bfloat16} if precision == "bf16" else None}
 
 
-def build_evaluator(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: torch.device) -> tuple[SupervisedEvaluator, CaseMetrics]:
-    """Sliding-window validation on whole volumes; Dice and HD95 (mm) per case into ``state.metrics``."""
-    metrics = CaseMetrics(int(cfg.data.num_classes))
+def build_evaluator(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: torch.device,
+                    ctx: Dist = Dist()) -> tuple[SupervisedEvaluator, CaseMetrics]:
+    """Sliding-window validation on whole volumes; Dice and HD95 (mm) per case into ``state.metrics``.
+
+    ``model`` is the plain module, not its DDP wrapper: each rank validates its own cases, with no collective inside
+    a forward (ranks may hold different numbers of cases).
+    """
+    sharded = ctx.enabled and isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler)
+    metrics = CaseMetrics(int(cfg.data.num_classes), ctx if sharded else Dist())
     inferer = SlidingWindowInferer(roi_size=list(cfg.data.roi_size), sw_batch_size=int(cfg.trainer.sw_batch_size),
                                    overlap=float(cfg.trainer.val_overlap), mode="gaussian")
     evaluator = SupervisedEvaluator(
@@ -85,50 +114,65 @@ def build_trainer(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: 
     return trainer, optimizer, scheduler
 
 
-def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None) -> dict:
-    """Train ``cfg`` into ``run_dir`` (or continue ``resume``, a last.pt payload); returns the final state numbers."""
-    set_determinism(int(cfg.seed))
+def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = Dist(),
+        device: torch.device | None = None) -> dict:
+    """Train ``cfg`` into ``run_dir`` (or continue ``resume``, a last.pt payload); returns the final state numbers.
+
+    ``ctx``: this process's place under torchrun (``distributed.init``); every rank calls ``fit``, rank 0 writes.
+    """
+    set_determinism(int(cfg.seed) + ctx.rank)  # the model is seeded in build_model; ranks draw different crops
     set_track_meta(True)
-    device = resolve_device(cfg.trainer.device)
-    save_run_config(cfg, run_dir)
-    train_loader, val_loader = build_loaders(cfg, run_dir)
+    device = device if device is not None else resolve_device(cfg.trainer.device)
+    main = ctx.is_main
+    if main:
+        save_run_config(cfg, run_dir)
+    train_loader, val_loader = build_loaders(cfg, run_dir, ctx)
     model, report = build_model(cfg)
-    if report is not None:
+    if report is not None and main:
         log.info(report.summary())
     if resume is not None:
         load_adapter_state_dict(model, resume["adapter"])
     model.to(device)
-    log.info(f"{cfg.peft.name}: {count_trainable(model):,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters")
+    if main:
+        log.info(f"{cfg.peft.name}: {count_trainable(model):,} trainable of "
+                 f"{sum(p.numel() for p in model.parameters()):,} parameters"
+                 + (f"; {ctx.world_size} processes x batch {cfg.data.batch_size}" if ctx.enabled else ""))
 
-    trainer, optimizer, scheduler = build_trainer(cfg, model, train_loader, device)
+    trainer, optimizer, scheduler = build_trainer(cfg, distributed.wrap(ctx, model, device), train_loader, device)
     evaluator = metrics = None
     if val_loader is not None:
-        evaluator, metrics = build_evaluator(cfg, model, val_loader, device)
+        evaluator, metrics = build_evaluator(cfg, model, val_loader, device, ctx)
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoints = RunCheckpoints(run_dir, model, optimizer, scheduler, config, int(cfg.trainer.checkpoint_interval),
                                  int(cfg.trainer.keep_last_epochs), evaluator)
-    checkpoints.attach(trainer)  # first: its Ctrl-C handler must run before others re-raise
+    if main:
+        checkpoints.attach(trainer)  # first: its Ctrl-C handler must run before others re-raise
+    GlobalLoss(ctx).attach(trainer)  # before every reader of the loss: all ranks see (and stop on) the same value
     FiniteLoss(run_dir / "checkpoints").attach(trainer)
-    TrainStats(run_dir / "train_stats.json", count_trainable(model), device).attach(trainer)
+    if main:
+        TrainStats(run_dir / "train_stats.json", count_trainable(model), device, ctx.world_size).attach(trainer)
     if evaluator is not None:
         interval = int(cfg.trainer.val_interval)
         ValidationHandler(validator=evaluator, interval=interval, epoch_level=True).attach(trainer)
         if int(cfg.trainer.max_epochs) % interval:  # always validate the final model
             trainer.add_event_handler(Events.COMPLETED, lambda engine: evaluator.run(engine.state.epoch))
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-    TensorBoardStatsHandler(summary_writer=writer, tag_name="train/loss", output_transform=first_loss,
-                            epoch_log=False).attach(trainer)
-    if evaluator is not None:
-        TensorBoardValidation(writer, metrics, trainer, optimizer, bool(cfg.trainer.log_images)).attach(evaluator)
-    if cfg.trainer.progress:
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard")) if main else None
+    if writer is not None:
+        TensorBoardStatsHandler(summary_writer=writer, tag_name="train/loss", output_transform=first_loss,
+                                epoch_log=False).attach(trainer)
+        if evaluator is not None:
+            TensorBoardValidation(writer, metrics, trainer, optimizer, bool(cfg.trainer.log_images)).attach(evaluator)
+    if cfg.trainer.progress and main:
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": first_loss(out)})
-    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained"):
+    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained") and main:
         checkpoints.save_pretrained()
     if resume is not None:
         checkpoints.restore(trainer, resume)
-        log.info(f"resuming at epoch {trainer.state.epoch + 1} of {cfg.trainer.max_epochs}")
+        if main:
+            log.info(f"resuming at epoch {trainer.state.epoch + 1} of {cfg.trainer.max_epochs}")
     try:
         trainer.run()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return {"epoch": trainer.state.epoch, "best_dice": checkpoints.best, "model": model}

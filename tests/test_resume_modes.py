@@ -1,0 +1,37 @@
+"""``trainer.resume`` true | false | auto on a fixed run folder (hydra.run.dir, a sweep's job folder, a requeued
+SLURM job): a finished or started run is continued or refused, never overwritten."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_train import tiny_run, train
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "checkpoints").iterdir())}
+
+
+def test_fixed_run_folder_is_refused_continued_or_started(tmp_path, official_dataset):
+    run = tmp_path / "runs" / "a"
+    args = tiny_run(official_dataset, "trainer.max_epochs=1", f"hydra.run.dir={run}")
+    first = train(tmp_path, *args, "trainer.resume=auto")  # nothing there yet: auto starts a new run
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(run)
+    assert "last.pt" in before
+
+    again = train(tmp_path, *args)  # resume=false into a folder holding a run
+    assert again.returncode == 2
+    error = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and str(run) in error[0] and "trainer.resume=true" in error[0], again.stderr[-2000:]
+    assert snapshot(run) == before  # nothing overwritten
+
+    auto = train(tmp_path, *args, "trainer.resume=auto")  # auto finds last.pt of its own folder: already finished
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "already finished its 1 epochs" in auto.stderr + auto.stdout
+    assert snapshot(run) == before
+
+
+def test_unknown_resume_mode_is_one_line(tmp_path, official_dataset):
+    result = train(tmp_path, *tiny_run(official_dataset, "trainer.resume=maybe", f"hydra.run.dir={tmp_path / 'r'}"))
+    assert result.returncode == 2 and "trainer.resume='maybe'" in result.stderr.strip().splitlines()[-1]
