@@ -36,7 +36,7 @@ from tcurlora_seg.engine.handlers import (CaseMetrics, FiniteLoss, GlobalLoss, R
 from tcurlora_seg.engine.run import build_model, resolve_device, save_run_config
 from tcurlora_seg.errors import UserError
 
-__all__ = ["build_loaders", "build_evaluator", "build_trainer", "fit"]
+__all__ = ["Autocast", "with_precision", "build_loaders", "build_evaluator", "build_trainer", "fit"]
 
 log = logging.getLogger("tcurlora_seg")
 
@@ -73,11 +73,33 @@ def build_loaders(cfg: DictConfig, run_dir: Path, ctx: Dist = Dist()) -> tuple[A
     return train_loader, val_loader
 
 
-def _amp(cfg: DictConfig) -> dict[str, Any]:
+class Autocast(torch.nn.Module):
+    """``module``'s forward under ``torch.autocast(device_type, dtype)``, its output back in fp32 for the loss.
+
+    bf16 mixed precision that works on CPUs and GPUs alike; MONAI's ``amp`` switch autocasts "cuda" only (a silent
+    fp32 run on a CPU) and adds a GradScaler that bf16, with fp32's exponent range, does not need. Parameters stay
+    fp32 (adapters compute their factors, e.g. tCURLoRA's C * U * R, in fp32 from fp32 U); matmuls and convolutions
+    run in bf16; the backward pass runs outside the autocast region, as PyTorch recommends.
+    """
+
+    def __init__(self, module: torch.nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(*args, **kwargs)
+        return out.float()
+
+
+def with_precision(cfg: DictConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``trainer.precision``: fp32 (``model`` itself) or bf16 (``Autocast`` around it)."""
     precision = cfg.trainer.precision
     if precision not in ("fp32", "bf16"):
         raise UserError(f"trainer.precision={precision!r}: choose fp32 or bf16")
-    return {"amp": precision == "bf16", "amp_kwargs": {"dtype": torch.bfloat16} if precision == "bf16" else None}
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp32")
+    return Autocast(model, device.type) if precision == "bf16" else model
 
 
 def build_evaluator(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: torch.device,
@@ -92,14 +114,18 @@ def build_evaluator(cfg: DictConfig, model: torch.nn.Module, loader: Any, device
     inferer = SlidingWindowInferer(roi_size=list(cfg.data.roi_size), sw_batch_size=int(cfg.trainer.sw_batch_size),
                                    overlap=float(cfg.trainer.val_overlap), mode="gaussian")
     evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=loader, network=model, inferer=inferer,
-        postprocessing=AsDiscreted(keys="pred", argmax=True), val_handlers=[metrics], **_amp(cfg),
+        device=device, val_data_loader=loader, network=with_precision(cfg, model, device), inferer=inferer,
+        postprocessing=AsDiscreted(keys="pred", argmax=True), val_handlers=[metrics],
     )
     return evaluator, metrics
 
 
 def build_trainer(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: torch.device) -> tuple[SupervisedTrainer, torch.optim.Optimizer, Any]:
-    """Adam + polynomial decay per iteration (paper), Dice loss on softmax over both classes (paper)."""
+    """Adam + polynomial decay per iteration (paper), Dice loss on softmax over both classes (paper).
+
+    ``model`` may be a DDP wrapper; ``trainer.precision`` and ``trainer.compile`` (torch.compile, through MONAI)
+    wrap it further.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optim.optimizer)(params)
     epoch_length = int(cfg.trainer.epoch_length or len(loader))
@@ -107,9 +133,10 @@ def build_trainer(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: 
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=float(cfg.optim.poly_power))
     trainer = SupervisedTrainer(
         device=device, max_epochs=int(cfg.trainer.max_epochs), epoch_length=epoch_length, train_data_loader=loader,
-        network=model, optimizer=optimizer, loss_function=DiceLoss(to_onehot_y=True, softmax=True),
-        inferer=SimpleInferer(), train_handlers=[LrScheduleHandler(scheduler, epoch_level=False, print_lr=False)],
-        **_amp(cfg),
+        network=with_precision(cfg, model, device), optimizer=optimizer,
+        loss_function=DiceLoss(to_onehot_y=True, softmax=True), inferer=SimpleInferer(),
+        train_handlers=[LrScheduleHandler(scheduler, epoch_level=False, print_lr=False)],
+        compile=bool(cfg.trainer.get("compile", False)),
     )
     return trainer, optimizer, scheduler
 
