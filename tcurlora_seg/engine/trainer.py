@@ -108,7 +108,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None) -> dict:
     checkpoints = RunCheckpoints(run_dir, model, optimizer, scheduler, config, int(cfg.trainer.checkpoint_interval),
                                  int(cfg.trainer.keep_last_epochs), evaluator)
     checkpoints.attach(trainer)  # first: its Ctrl-C handler must run before others re-raise
-    FiniteLoss(run_dir / "checkpoints").attach(trainer)
+    # .get: a run folder written before these keys existed still resumes
+    FiniteLoss(run_dir / "checkpoints", cfg.trainer.get("nonfinite", "stop"), cfg.trainer.get("max_nonfinite_skips", 10)).attach(trainer)
     TrainStats(run_dir / "train_stats.json", count_trainable(model), device).attach(trainer)
     if evaluator is not None:
         interval = int(cfg.trainer.val_interval)
