@@ -125,7 +125,7 @@ def removed_on_user_error(run_dir: Path) -> Iterator[None]:
     fresh = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= own
     try:
         yield
-    except (*ERRORS, SystemExit) as err:
+    except (*ERRORS, OSError, SystemExit) as err:
         user_error = not isinstance(err, SystemExit) or err.code == 2  # the data check exits 2; Ctrl-C exits 130
         if user_error and fresh and not any((run_dir / "checkpoints").glob("*.pt")):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -124,6 +124,7 @@ CASES = {
     "roi not a multiple of 16": (overrides("data.roi_size=[40,40,40]"), "data.roi_size"),
     "roi of two axes": (overrides("data.roi_size=[32,32]"), "data.roi_size"),
     "pretrained of another size": (pretrained_of_another_size, "wide.pt"),
+    "unknown non-finite policy": (overrides("trainer.nonfinite=ignore"), "trainer.nonfinite"),
 }
 
 

@@ -208,6 +208,8 @@ class RunCheckpoints:
 
     def restore(self, engine: Engine, payload: dict) -> None:
         """Continue a run from ``last.pt``: optimizer, scheduler and engine counters (the adapter is loaded by the caller)."""
+        for stale in self.folder.glob(".*.pt.*.tmp"):  # half-written files of a run killed mid-save (SIGKILL, power loss)
+            stale.unlink(missing_ok=True)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.best = payload.get("metric")
