@@ -96,7 +96,7 @@ def _write_error(path: Path, err: OSError) -> UserError:
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         why, fix = f"{path.parent} is not writable", f"make {path.parent} writable"
     else:
-        why, fix = err.strerror or type(err).__name__, f"check {path.parent}"
+        why, fix = err.strerror or str(err) or type(err).__name__, f"check {path.parent}"
     left = "the previous file is unchanged" if path.is_file() else "nothing was written"
     return UserError(f"checkpoint {path}: cannot write it ({why}); {left}; {fix} or choose another hydra.run.dir, then rerun "
                      "(trainer.resume=true continues a run from its last.pt)")
