@@ -128,7 +128,8 @@ class FiniteLoss:
             self.skipped = 0
             return
         where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        fix = f"last good checkpoint in {self.checkpoints}; lower optim.lr or use trainer.precision=fp32, then resume"
+        fix = "lower optim.lr or use trainer.precision=fp32, then " + (
+            f"resume (last good checkpoint in {self.checkpoints})" if (self.checkpoints / "last.pt").is_file() else "start again (no checkpoint yet)")
         if self.mode == "stop":
             raise UserError(f"{what} at {where}; {fix} (or trainer.nonfinite=skip)")
         self.skipped += 1
