@@ -4,7 +4,8 @@ Two places raise them. Inside the job (``@one_line_errors`` under ``@hydra.main`
 errors such as a missing mandatory ``???`` value; exiting there also keeps Hydra from printing its "Error executing
 job" banner. Before the job, while Hydra composes the config (an unknown key, a bad override, a missing config
 group): Hydra prints those itself over several lines and exits with 1 unless ``HYDRA_FULL_ERROR`` is set, in which
-case it re-raises; :func:`run_entry` sets it for the call and reports them. A user who sets ``HYDRA_FULL_ERROR=1``
+case it re-raises; :func:`run_entry` sets it for the call and reports them, and an OSError naming a path (Hydra
+cannot create the run folder, a full disk) the same way. A user who sets ``HYDRA_FULL_ERROR=1``
 themselves gets Hydra's full traceback for composition errors, as Hydra documents.
 
     @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
@@ -68,5 +69,10 @@ def run_entry(main: Callable[[], None]) -> None:
         main()
     except ERRORS as err:
         _exit(err)
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a bug, keep the traceback
+            raise
+        # e.g. Hydra cannot create hydra.run.dir (read-only parent, a file in the way), or a disk that filled up
+        _exit(UserError(f"{err.filename}: {err.strerror}; check the path, its permissions and the free disk space"))
     finally:
         os.environ.pop(_ENV, None)

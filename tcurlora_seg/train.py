@@ -16,18 +16,20 @@ line and exit with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tcurlora_seg.cli import one_line_errors, run_entry
+from tcurlora_seg.cli import ERRORS, one_line_errors, run_entry
 from tcurlora_seg.errors import UserError
 
 log = logging.getLogger("tcurlora_seg")
@@ -168,10 +170,30 @@ def _run(cfg: DictConfig, ctx, device) -> None:
     print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir / 'tensorboard'}\n  make eval RUN={run_dir}")
 
 
+@contextlib.contextmanager
+def removed_on_user_error(run_dir: Path) -> Iterator[None]:
+    """Remove Hydra's fresh run folder when the run stops on a user error before any checkpoint was written.
+
+    Such a folder holds only a config and a log of a run that never trained: left behind it would be picked up by
+    ``trainer.resume`` / ``make eval`` as the latest run. Only a folder that held nothing but Hydra's own files
+    when the run started is fresh; an existing folder given as ``hydra.run.dir`` is never removed.
+    """
+    own = {".hydra", f"{HydraConfig.get().job.name}.log"}
+    fresh = run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= own
+    try:
+        yield
+    except (*ERRORS, OSError, SystemExit) as err:
+        user_error = not isinstance(err, SystemExit) or err.code == 2  # the data check exits 2; Ctrl-C exits 130
+        if user_error and fresh and not any((run_dir / "checkpoints").glob("*.pt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    with removed_on_user_error(Path(HydraConfig.get().runtime.output_dir)):
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
   ``engine.metrics``) on the evaluator, aggregated per validation round; keeps the first case for image logging.
 - ``RunCheckpoints``: atomic adapter-only checkpoints (last / best / last K epochs), and one on Ctrl-C.
 - ``GlobalLoss``: under torchrun, the iteration's loss averaged over ranks (what is logged, and what stops a run).
-- ``FiniteLoss``: stop at the first NaN/Inf loss with a message naming epoch and iteration.
+- ``FiniteLoss``: at a NaN/Inf loss or gradient, stop or skip the optimizer step, naming epoch and iteration.
 - ``TensorBoardValidation``: val/dice, val/hd95, lr and an image | label | prediction mid-slice in TensorBoard.
 - ``TrainStats``: ``train_stats.json`` (trainable parameters, time per training step, peak memory) for comparisons.
 """
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 
 from tcurlora_seg.adapters import adapter_state_dict
 from tcurlora_seg.engine import distributed
@@ -107,21 +108,65 @@ class GlobalLoss:
 
 
 class FiniteLoss:
-    """Raise at the first non-finite loss: the last checkpoint on disk is then the last good state."""
+    """Non-finite loss or gradients: stop (``trainer.nonfinite=stop``) or skip that optimizer step (``skip``).
 
-    def __init__(self, checkpoints: Path) -> None:
-        self.checkpoints = checkpoints
+    Checked on MONAI's ``BACKWARD_COMPLETED``, between ``backward()`` and ``optimizer.step()``: the one point where a
+    step can still be skipped without writing our own iteration (an optimizer step pre-hook cannot cancel the step,
+    and after ITERATION_COMPLETED the weights are already NaN). Skipping sets every gradient to None, which torch
+    optimizers read as "no update": Adam's moments and step counts stay as they were. With a GradScaler (bf16 on
+    CUDA) non-finite gradients are the scaler's business (it skips the step and lowers the scale), so only the loss
+    is checked there. ``skip`` stops after ``max_skips`` skipped steps in a row. Engines without an optimizer (tests)
+    get the loss check at ITERATION_COMPLETED. On stop the last checkpoint on disk is the last good state.
+    """
+
+    def __init__(self, checkpoints: Path, mode: str = "stop", max_skips: int = 10) -> None:
+        if mode not in ("stop", "skip"):
+            raise UserError(f"trainer.nonfinite={mode!r}: choose stop (end the run) or skip (skip that optimizer step)")
+        if isinstance(max_skips, bool) or not isinstance(max_skips, int) or max_skips < 1:
+            raise UserError(f"trainer.max_nonfinite_skips={max_skips!r}: expected a positive int")
+        self.checkpoints, self.mode, self.max_skips = checkpoints, mode, max_skips
+        self.skipped = 0  # consecutive skipped steps
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        event = IterationEvents.BACKWARD_COMPLETED if getattr(engine, "optimizer", None) is not None else Events.ITERATION_COMPLETED
+        engine.add_event_handler(event, self)
 
-    def __call__(self, engine: Engine) -> None:
+    def _non_finite(self, engine: Engine) -> str | None:
         loss = first_loss(engine.state.output)
         if not math.isfinite(loss):
-            raise UserError(
-                f"loss became {loss} at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
-                f"last good checkpoint in {self.checkpoints}; lower optim.lr or use trainer.precision=fp32, then resume"
-            )
+            return f"loss became {loss}"
+        if getattr(engine, "optimizer", None) is None or getattr(engine, "scaler", None) is not None:
+            return None
+        grads = [p.grad.detach().abs().amax() for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not bool(torch.stack(grads).isfinite().all()):  # amax keeps NaN and Inf: one sync per step
+            return "gradients became NaN/Inf"
+        return None
+
+    @staticmethod
+    def _skip_step(engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        for group in engine.optimizer.param_groups:
+            for p in group["params"]:
+                if scaler is None:
+                    p.grad = None  # optimizers leave parameters without a gradient alone
+                elif p.grad is not None:
+                    p.grad.fill_(math.nan)  # a GradScaler skips a step with non-finite gradients (None would fail its check)
+
+    def __call__(self, engine: Engine) -> None:
+        what = self._non_finite(engine)
+        if what is None:
+            self.skipped = 0
+            return
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        fix = "lower optim.lr or use trainer.precision=fp32, then " + (
+            f"resume (last good checkpoint in {self.checkpoints})" if (self.checkpoints / "last.pt").is_file() else "start again (no checkpoint yet)")
+        if self.mode == "stop":
+            raise UserError(f"{what} at {where}; {fix} (or trainer.nonfinite=skip)")
+        self.skipped += 1
+        if self.skipped >= self.max_skips:
+            raise UserError(f"{what} at {where}, {self.skipped} steps in a row (trainer.max_nonfinite_skips={self.max_skips}); {fix}")
+        self._skip_step(engine)
+        log.warning(f"{what} at {where}: optimizer step skipped ({self.skipped} in a row, stop at trainer.max_nonfinite_skips={self.max_skips})")
 
 
 class RunCheckpoints:
@@ -194,6 +239,8 @@ class RunCheckpoints:
 
     def restore(self, engine: Engine, payload: dict) -> None:
         """Continue a run from ``last.pt``: optimizer, scheduler and engine counters (the adapter is loaded by the caller)."""
+        for stale in self.folder.glob(".*.pt.*.tmp"):  # half-written files of a run killed mid-save (SIGKILL, power loss)
+            stale.unlink(missing_ok=True)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.best = payload.get("metric")
@@ -309,4 +356,5 @@ def overlay(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarra
 
 def first_loss(output: Any) -> float:
     """The loss of a SupervisedTrainer iteration output (decollated list or dict)."""
-    return float(output[0]["loss"] if isinstance(output, list) else output["loss"])
+    loss = output[0]["loss"] if isinstance(output, list) else output["loss"]
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)  # before the step it still needs grad

@@ -73,7 +73,7 @@ def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.M
     every time the run is rebuilt, so the adapter's base fingerprint still matches.
     """
     torch.manual_seed(int(cfg.seed))
-    model = build_unetr(cfg.model)
+    model = build_unetr(cfg.model, img_size=OmegaConf.select(cfg, "data.roi_size"))  # errors name data.roi_size
     report = None
     if pretrained and cfg.model.get("pretrained"):
         report = load_pretrained(model, cfg.model.pretrained)

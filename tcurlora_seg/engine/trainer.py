@@ -174,8 +174,11 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
                                  int(cfg.trainer.keep_last_epochs), evaluator)
     if main:
         checkpoints.attach(trainer)  # first: its Ctrl-C handler must run before others re-raise
-    GlobalLoss(ctx).attach(trainer)  # before every reader of the loss: all ranks see (and stop on) the same value
-    FiniteLoss(run_dir / "checkpoints").attach(trainer)
+    GlobalLoss(ctx).attach(trainer)  # before every reader of the logged loss: all ranks log the same value
+    # gradients are checked after DDP's all-reduce, so every rank stops or skips at the same step;
+    # .get: a run folder written before these keys existed still resumes
+    FiniteLoss(run_dir / "checkpoints", cfg.trainer.get("nonfinite", "stop"),
+               cfg.trainer.get("max_nonfinite_skips", 10)).attach(trainer)
     if main:
         TrainStats(run_dir / "train_stats.json", count_trainable(model), device, ctx.world_size).attach(trainer)
     if evaluator is not None:

@@ -6,6 +6,7 @@ Loading always uses ``torch.load(..., weights_only=True)``: a file that needs ar
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Mapping
@@ -52,24 +53,53 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
     """Write ``payload`` to ``path`` atomically and return the path.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then replace ``path`` with
-    ``os.replace``: a crash or an error mid-write leaves the previous file intact and no temporary file behind.
+    ``os.replace``: a crash or an error mid-write leaves the previous file intact and no temporary file behind (a
+    SIGKILL or power loss can leave one, ``.NAME.*.tmp``, which nothing reads). A failed write (disk full, folder
+    not writable) raises UserError naming the path.
     DictConfig, Path and numpy values are converted so that :func:`load_checkpoint` can read the file back.
     """
     path = Path(path)
     payload = _plain(dict(payload), "payload")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         # BaseException too: a Ctrl-C mid-write must not leave a stray temporary file.
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(err)
+        if cause is not None:
+            raise _write_error(path, cause) from err
         raise
     return path
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err``: torch.save reports a failed write as a RuntimeError whose context is the OSError."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _write_error(path: Path, err: OSError) -> UserError:
+    """One line for a checkpoint that could not be written: why, what is left on disk, the fix."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        why, fix = "no space left on the device (disk full or quota)", f"free space on the disk of {path.parent}"
+    elif err.errno == errno.EFBIG:
+        why, fix = "file too large for the file system or the size limit (ulimit -f)", "raise the limit or free space"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why, fix = f"{path.parent} is not writable", f"make {path.parent} writable"
+    else:
+        why, fix = err.strerror or str(err) or type(err).__name__, f"check {path.parent}"
+    left = "the previous file is unchanged" if path.is_file() else "nothing was written"
+    return UserError(f"checkpoint {path}: cannot write it ({why}); {left}; {fix} or choose another hydra.run.dir, then rerun "
+                     "(trainer.resume=true continues a run from its last.pt)")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

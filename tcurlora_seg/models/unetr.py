@@ -64,7 +64,8 @@ def _img_size(value: Any, key: str) -> tuple[int, int, int]:
     if len(size) != 3 or not all(isinstance(s, int) and s > 0 for s in size):
         raise UserError(f"{key}: expected an int or three ints, got {value!r}")
     if any(s % _PATCH for s in size):
-        raise UserError(f"{key}: {list(size)} must be a multiple of the UNETR patch size {_PATCH} on every axis")
+        nearest = [max(_PATCH, round(s / _PATCH) * _PATCH) for s in size]
+        raise UserError(f"{key}: {list(size)} must be a multiple of the UNETR patch size {_PATCH} on every axis, e.g. {key}={nearest}")
     return size  # type: ignore[return-value]
 
 
@@ -93,10 +94,11 @@ def build_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | li
 
     if cfg.get("img_size") is None and img_size is None:
         raise UserError("model.img_size: not set; set it to data.roi_size")
+    roi = _img_size(img_size, "data.roi_size") if img_size is not None else None  # first: the key a user sets
     size = _img_size(cfg["img_size"] if cfg.get("img_size") is not None else img_size, "model.img_size")
-    if img_size is not None and _img_size(img_size, "data.roi_size") != size:
+    if roi is not None and roi != size:
         raise UserError(
-            f"model.img_size {list(size)} differs from data.roi_size {list(_img_size(img_size, 'data.roi_size'))}; "
+            f"model.img_size {list(size)} differs from data.roi_size {list(roi)}; "
             "the sliding-window ROI must equal the UNETR input: set both to the same size"
         )
 

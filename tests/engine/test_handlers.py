@@ -2,6 +2,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,65 @@ def test_non_finite_loss_stops_with_epoch_and_iteration(tmp_path):
     FiniteLoss(tmp_path).attach(engine)
     with pytest.raises(UserError, match=r"loss became nan at epoch 1, iteration 3"):
         engine.run([0, 1, 2, 3], max_epochs=1)
+
+
+def nan_trainer(bad: set[int], where: str, mode: str, max_skips: int = 10, steps: int = 6):
+    """A MONAI SupervisedTrainer on a linear model whose loss ("loss") or gradients ("grad") are NaN at ``bad`` steps."""
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    step = iter(range(1, steps + 1))
+
+    def loss_function(pred, target):
+        loss = ((pred - target) ** 2).mean()
+        if next(step) in bad:
+            if where == "loss":
+                return loss * math.nan
+            pred.register_hook(lambda grad: grad * math.nan)  # the loss stays finite, the gradients do not
+        return loss
+
+    data = [{"image": torch.randn(2, 3), "label": torch.randn(2, 1)} for _ in range(steps)]
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                optimizer=optimizer, loss_function=loss_function)
+    FiniteLoss(Path("ckpt"), mode, max_skips).attach(trainer)
+    weights = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: weights.append(net.weight.detach().clone()))
+    return trainer, optimizer, weights
+
+
+@pytest.mark.parametrize("where, what", [("loss", "loss became nan"), ("grad", "gradients became NaN/Inf")])
+def test_non_finite_loss_or_gradient_stops_before_the_step(where, what):
+    trainer, _, weights = nan_trainer({3}, where, "stop")
+    with pytest.raises(UserError, match=f"{what} at epoch 1, iteration 3;.*start again \\(no checkpoint yet\\).*trainer.nonfinite=skip"):
+        trainer.run()
+    assert len(weights) == 2 and all(p.isfinite().all() for p in trainer.network.parameters())
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_skip_mode_skips_the_step_with_a_warning_and_goes_on(where, caplog):
+    trainer, optimizer, weights = nan_trainer({2, 4}, where, "skip", max_skips=2)
+    trainer.run()
+    assert len(weights) == 6 and all(w.isfinite().all() for w in weights)
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[2], weights[3])  # steps 2 and 4: no update
+    assert not torch.equal(weights[1], weights[2])
+    assert optimizer.state[trainer.network.weight]["step"] == 4  # Adam's moments saw only the 4 good steps
+    skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert len(skipped) == 2 and "epoch 1, iteration 2" in skipped[0] and "epoch 1, iteration 4" in skipped[1]
+
+
+def test_skip_mode_stops_after_max_skips_in_a_row():
+    trainer, _, weights = nan_trainer({2, 3, 4, 5}, "grad", "skip", max_skips=3)
+    with pytest.raises(UserError, match=r"at epoch 1, iteration 4, 3 steps in a row \(trainer.max_nonfinite_skips=3\)"):
+        trainer.run()
+    assert all(w.isfinite().all() for w in weights)
+
+
+@pytest.mark.parametrize("mode, skips, key", [("ignore", 10, "trainer.nonfinite"), ("skip", 0, "trainer.max_nonfinite_skips")])
+def test_bad_nonfinite_options_are_refused(mode, skips, key):
+    with pytest.raises(UserError, match=key):
+        FiniteLoss(Path("ckpt"), mode, skips)
 
 
 def test_checkpoints_keep_last_k_epochs_and_last_with_optimizer(tmp_path):

@@ -226,7 +226,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(torch, "save", partial_then_crash)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match="ckpt.pt: cannot write it .No space left on device.; the previous file is unchanged"):
         save_checkpoint(path, {"epoch": 2, "w": torch.zeros(1000)})
     monkeypatch.setattr(torch, "save", real_save)
     old = load_checkpoint(path)
