@@ -111,8 +111,12 @@ def build_evaluator(cfg: DictConfig, model: torch.nn.Module, loader: Any, device
     """
     sharded = ctx.enabled and isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler)
     metrics = CaseMetrics(int(cfg.data.num_classes), ctx if sharded else Dist())
+    # windows run on the model's device; trainer.val_stitch_on_cpu gathers the whole-volume output in host memory
+    # (evaluation and prediction always do), for volumes whose logits would not fit next to the model on the GPU
+    stitch = torch.device("cpu") if cfg.trainer.get("val_stitch_on_cpu", False) else None
     inferer = SlidingWindowInferer(roi_size=list(cfg.data.roi_size), sw_batch_size=int(cfg.trainer.sw_batch_size),
-                                   overlap=float(cfg.trainer.val_overlap), mode="gaussian")
+                                   overlap=float(cfg.trainer.val_overlap), mode="gaussian", sw_device=device,
+                                   device=stitch)
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=with_precision(cfg, model, device), inferer=inferer,
         postprocessing=AsDiscreted(keys="pred", argmax=True), val_handlers=[metrics],
