@@ -32,6 +32,8 @@ def test_slurm_launcher_composes_with_overrides(tmp_path):
 
 def test_multi_task_slurm_job_exports_torch_distributed_variables(monkeypatch):
     pytest.importorskip("submitit")
+    # submitit writes os.environ itself: give it a copy, or WORLD_SIZE=4 would reach every later test's subprocess
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
