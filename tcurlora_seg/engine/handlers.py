@@ -113,9 +113,9 @@ class FiniteLoss:
     Checked on MONAI's ``BACKWARD_COMPLETED``, between ``backward()`` and ``optimizer.step()``: the one point where a
     step can still be skipped without writing our own iteration (an optimizer step pre-hook cannot cancel the step,
     and after ITERATION_COMPLETED the weights are already NaN). Skipping sets every gradient to None, which torch
-    optimizers read as "no update": Adam's moments and step counts stay as they were. With a GradScaler (bf16 on
-    CUDA) non-finite gradients are the scaler's business (it skips the step and lowers the scale), so only the loss
-    is checked there. ``skip`` stops after ``max_skips`` skipped steps in a row. Engines without an optimizer (tests)
+    optimizers read as "no update": Adam's moments and step counts stay as they were (bf16 runs through
+    ``trainer.Autocast`` without a GradScaler, so no scaler skips steps on its own). ``skip`` stops after
+    ``max_skips`` skipped steps in a row. Engines without an optimizer (tests)
     get the loss check at ITERATION_COMPLETED. On stop the last checkpoint on disk is the last good state.
     """
 
@@ -135,7 +135,7 @@ class FiniteLoss:
         loss = first_loss(engine.state.output)
         if not math.isfinite(loss):
             return f"loss became {loss}"
-        if getattr(engine, "optimizer", None) is None or getattr(engine, "scaler", None) is not None:
+        if getattr(engine, "optimizer", None) is None:
             return None
         grads = [p.grad.detach().abs().amax() for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not bool(torch.stack(grads).isfinite().all()):  # amax keeps NaN and Inf: one sync per step
@@ -144,13 +144,9 @@ class FiniteLoss:
 
     @staticmethod
     def _skip_step(engine: Engine) -> None:
-        scaler = getattr(engine, "scaler", None)
         for group in engine.optimizer.param_groups:
             for p in group["params"]:
-                if scaler is None:
-                    p.grad = None  # optimizers leave parameters without a gradient alone
-                elif p.grad is not None:
-                    p.grad.fill_(math.nan)  # a GradScaler skips a step with non-finite gradients (None would fail its check)
+                p.grad = None  # optimizers leave parameters without a gradient alone
 
     def __call__(self, engine: Engine) -> None:
         what = self._non_finite(engine)
