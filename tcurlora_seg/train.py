@@ -155,9 +155,11 @@ def _run(cfg: DictConfig, ctx, device) -> None:
     try:
         result = fit(cfg, run_dir, resume, ctx, device)
     except KeyboardInterrupt:
-        if ctx.is_main:
+        if ctx.is_main and (run_dir / "checkpoints" / "last.pt").is_file():
             print(f"stopped by Ctrl-C; continue with: python -m tcurlora_seg.train trainer.resume=true "
                   f"trainer.run_dir={run_dir}", file=sys.stderr)
+        elif ctx.is_main:  # stopped before the first training step: there is nothing to continue
+            print("stopped by Ctrl-C before training began; nothing to resume, start the run again", file=sys.stderr)
         sys.exit(130)
     if not ctx.is_main:  # export and test evaluation: rank 0 alone, on the finished model
         return
