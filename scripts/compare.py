@@ -274,6 +274,8 @@ def report(out: Path) -> list[Path]:
         entries = aggregate(rows, KEYS[stem])
         if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
             entries.sort(key=lambda e: (e["groups"] or "", int(e["rank"])))
+        else:  # the paper's order, also for runs collected from several sweeps (e.g. methods split over machines)
+            entries.sort(key=lambda e: METHODS.index(e["method"]) if e["method"] in METHODS else len(METHODS))
         table = markdown(entries, KEYS[stem], COLUMNS[stem])
         write_csv(rows, out / f"{stem}.csv")
         (out / f"{stem}.md").write_text(table)

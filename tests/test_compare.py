@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -148,3 +149,21 @@ def test_ablation_is_one_factor_at_a_time_unless_grid():
         [1], ["attn", "mlp", "all"], [0], "demo", groups_rank=8, grid=False)["groups"]
     grid = compare.ablation_sweeps([1, 8], ["attn", "all"], [0], "demo", groups_rank=8, grid=True)
     assert list(grid) == ["grid"] and "peft.rank=1,8" in grid["grid"] and "peft.groups=[attn],[attn,mlp_up,mlp_down]" in grid["grid"]
+
+
+def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
+    """Methods split over two sweeps (e.g. two machines), their folders moved under one OUT/runs."""
+    import yaml
+
+    for sweep, job, method, dice in (("a", 0, "tcurlora", 12.0), ("b", 0, "full", 10.0), ("b", 1, "lora", 11.0)):
+        run = tmp_path / "runs" / sweep / f"{job}_demo_{method}"
+        (run / "eval").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "peft": {"name": method}}))
+        (run / "eval" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": dice, "HD95": 5.0}}))
+        (run / "train_stats.json").write_text(json.dumps({"trainable": 10, "step_time_s": 1.0, "peak_memory_mb": 9.0}))
+        (run / "checkpoints" / "best.pt").write_bytes(b"x" * 1024)
+    compare.report(tmp_path)
+    assert [row[0] for row in table_rows((tmp_path / "comparison.md").read_text())] == ["full", "lora", "tcurlora"]
+    assert {r["method"]: float(r["dice"]) for r in read_csv(tmp_path / "comparison.csv")} == {
+        "full": 10.0, "lora": 11.0, "tcurlora": 12.0}
