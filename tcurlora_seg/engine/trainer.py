@@ -49,8 +49,7 @@ def _samplers(cfg: DictConfig, ctx: Dist, train: Any, val: Any | None) -> tuple[
         return None, None
     from monai.data import DistributedSampler
 
-    train_sampler = DistributedSampler(train, shuffle=True, num_replicas=ctx.world_size, rank=ctx.rank)
-    train_sampler.seed = int(cfg.seed)
+    train_sampler = DistributedSampler(train, shuffle=True, num_replicas=ctx.world_size, rank=ctx.rank, seed=int(cfg.seed))
     val_sampler = None
     if val is not None and len(val) >= ctx.world_size:
         val_sampler = DistributedSampler(val, shuffle=False, even_divisible=False, num_replicas=ctx.world_size, rank=ctx.rank)
