@@ -126,12 +126,16 @@ def run(cfg: DictConfig) -> None:
 
     ctx, device = distributed.init(cfg.trainer.device)
     try:
-        _run(cfg, ctx, device)
+        trained = _train(cfg, ctx, device)
+        distributed.barrier(ctx)  # all ranks are done with collectives before the group goes
     finally:
         distributed.shutdown()
+    if trained is not None and ctx.is_main:  # export and test evaluation: rank 0 alone, on the finished model
+        _finish(*trained)
 
 
-def _run(cfg: DictConfig, ctx, device) -> None:
+def _train(cfg: DictConfig, ctx, device) -> tuple[DictConfig, Path, dict] | None:
+    """Every rank: the run folder, resume or pretraining, then ``fit``; None when the run had already finished."""
     from tcurlora_seg.engine import distributed
     from tcurlora_seg.engine.run import checkpoint_path, load_run_config
     from tcurlora_seg.engine.trainer import fit
@@ -149,7 +153,7 @@ def _run(cfg: DictConfig, ctx, device) -> None:
         cfg = load_run_config(run_dir)  # the run continues with the config it started with
         if resume["epoch"] >= cfg.trainer.max_epochs:
             log.info(f"{run_dir} already finished its {cfg.trainer.max_epochs} epochs")
-            return
+            return None
     else:
         distributed.on_main(ctx, lambda: ensure_pretrained(cfg))  # the demo's source model: pretrained once
     try:
@@ -161,8 +165,11 @@ def _run(cfg: DictConfig, ctx, device) -> None:
         elif ctx.is_main:  # stopped before the first training step: there is nothing to continue
             print("stopped by Ctrl-C before training began; nothing to resume, start the run again", file=sys.stderr)
         sys.exit(130)
-    if not ctx.is_main:  # export and test evaluation: rank 0 alone, on the finished model
-        return
+    return cfg, run_dir, result
+
+
+def _finish(cfg: DictConfig, run_dir: Path, result: dict) -> None:
+    """Rank 0 after training: export the merged model, evaluate the test split, say where everything is."""
     if cfg.get("export_model"):
         export(result["model"], cfg, cfg.export_model)
     best = result["best_dice"]

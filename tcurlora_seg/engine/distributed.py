@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from tcurlora_seg.errors import UserError
 
-__all__ = ["Dist", "init", "shutdown", "on_main", "broadcast", "all_gather", "mean", "wrap"]
+__all__ = ["Dist", "init", "barrier", "shutdown", "on_main", "broadcast", "all_gather", "mean", "wrap"]
 
 T = TypeVar("T")
 
@@ -88,6 +88,13 @@ def init(device_name: str) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return ctx, device
+
+
+def barrier(ctx: Dist) -> None:
+    """Wait for every rank: called before the group is torn down, so that no rank exits while another still has
+    collective work in flight (gloo then aborts with "terminate called without an active exception")."""
+    if ctx.enabled:
+        dist.barrier()
 
 
 def shutdown() -> None:
