@@ -6,6 +6,7 @@
     python scripts/compare.py --ranks 4 8 --groups attn all -- trainer.max_epochs=100
     python scripts/compare.py -- hydra/launcher=submitit_slurm hydra.launcher.partition=gpu  # SLURM jobs
                                                     # (needs the hydra-submitit-launcher plugin)
+    python scripts/compare.py --jobs 8              # 8 runs at a time on this machine (one GPU or many cores)
     python scripts/compare.py --collect-only outputs/compare/2025-01-01_12-00-00           # tables from finished runs
 
 Underneath are Hydra multiruns of the real entry point, so any launcher works unchanged:
@@ -14,6 +15,11 @@ Underneath are Hydra multiruns of the real entry point, so any launcher works un
         peft.groups=[attn,mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation/rank
     python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=8 \\
         peft.groups=[attn],[mlp_up,mlp_down] seed=0,1,2 [EXTRA] hydra.sweep.dir=OUT/ablation/groups
+With ``--jobs N`` (N > 1) the same runs go as single runs of the entry point, N at a time on this machine, into
+the same folders (``OUT/<sweep>/<job>_<method>``, logs in ``OUT/logs/``), seed-major over all sweeps: every method
+and ablation setting gets seed 0 before any gets seed 1. The first run goes alone (it pretrains the demo's source
+model when that is not cached, which the others then share), and each run gets ``OMP_NUM_THREADS`` = cores / N
+unless that is set. A failed run does not stop the others; its sweep is reported as failed.
 The ablation varies one factor at a time (rank with all three tensors; tensor groups at rank 8); ``--grid`` runs
 every rank x group setting instead, in OUT/ablation/grid.
 Everything after ``--`` is passed to both as Hydra overrides (they come last, so they win). Runs evaluate their test
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -42,7 +49,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -110,6 +119,59 @@ def run_sweep(overrides: Sequence[str], extra: Sequence[str], sweep_dir: Path) -
     print("$ " + shlex.join(command), flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(command, env=env).returncode
+
+
+def expand(overrides: Sequence[str]) -> list[list[str]]:
+    """The single runs of a Hydra sweep, in the order of Hydra's basic sweeper (the first sweep key varies slowest)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in OverridesParser.create().parse_overrides(list(overrides))]
+    return [list(run) for run in itertools.product(*choices)]
+
+
+def _value(run: Sequence[str], key: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in run if o.split("=", 1)[0] == key), None)
+
+
+def job_queue(sweeps: dict[str, list[str]]) -> list[tuple[str, int, list[str]]]:
+    """(sweep, job number, overrides) of every run, seed-major over all sweeps (then sweep order, then job order)."""
+    queue = [(name, num, run) for name, overrides in sweeps.items() for num, run in enumerate(expand(overrides))]
+    seeds = list(dict.fromkeys(_value(run, "seed") for _, _, run in queue))
+    return sorted(queue, key=lambda job: seeds.index(_value(job[2], "seed")))  # stable: the rest keeps its order
+
+
+def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: int) -> list[str]:
+    """Every run of ``sweeps`` as a single run, ``jobs`` at a time; returns the sweeps with a failed run."""
+    queue = job_queue(sweeps)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # N runs share the cores
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    failed: set[str] = set()
+    done = itertools.count(1)
+
+    def run_one(job: tuple[str, int, list[str]]) -> None:
+        name, num, overrides = job
+        run_dir = (out / name / f"{num}_{_value(overrides, 'peft') or 'run'}").resolve()
+        log = out / "logs" / f"{name.replace('/', '-')}_{num}.log"
+        command = [sys.executable, "-m", "tcurlora_seg.train", *overrides, "trainer.evaluate=true", "trainer.progress=false",
+                   *extra, f"hydra.run.dir={run_dir}"]
+        start = time.monotonic()
+        with log.open("w") as f:
+            f.write("$ " + shlex.join(command) + "\n")
+            f.flush()
+            code = subprocess.run(command, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        status = "done" if code == 0 else f"FAILED (exit {code}, log {log})"
+        if code != 0:
+            failed.add(name)
+        print(f"[{next(done)}/{len(queue)}] {run_dir.relative_to(out.resolve())} {' '.join(overrides[1:])}: {status} "
+              f"in {time.monotonic() - start:.0f} s", flush=True)
+
+    print(f"{len(queue)} runs, {jobs} at a time, logs in {out / 'logs'}", flush=True)
+    run_one(queue[0])  # alone: it may pretrain the demo's source model, which every later run loads
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(run_one, queue[1:]))
+    return [name for name in sweeps if name in failed]
 
 
 # --- collecting run folders ---------------------------------------------------------------------------------------
@@ -307,6 +369,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--grid", action="store_true",
                         help="ablation: every rank x every group setting (default: one factor at a time)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the tCURLoRA ablation")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time on this machine (default 1: Hydra multiruns, any launcher)")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument("--collect-only", type=Path, metavar="OUT", help="only collect the runs already in OUT (no training)")
     return parser.parse_args(argv), extra
@@ -314,6 +378,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse(sys.argv[1:] if argv is None else argv)
+    if args.jobs < 1:
+        print(f"error: --jobs {args.jobs}: give 1 or more runs at a time", file=sys.stderr)
+        return 2
     out = args.collect_only or args.out or Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     failed = []
     if args.collect_only is None:
@@ -322,7 +389,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ablation:
             ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid)
             sweeps.update({f"ablation/{name}": overrides for name, overrides in ablation.items()})
-        failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
+        if args.jobs > 1:
+            failed = run_parallel(sweeps, extra, out, args.jobs)
+        else:
+            failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
     problem = None
     try:
         report(out)

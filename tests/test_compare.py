@@ -167,3 +167,49 @@ def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
     assert [row[0] for row in table_rows((tmp_path / "comparison.md").read_text())] == ["full", "lora", "tcurlora"]
     assert {r["method"]: float(r["dice"]) for r in read_csv(tmp_path / "comparison.csv")} == {
         "full": 10.0, "lora": 11.0, "tcurlora": 12.0}
+
+
+def test_expand_follows_hydras_sweep_order():
+    runs = compare.expand(["+experiment=demo", "seed=0,1", "peft=lora,tcurlora", "data.roi_size=[32,32,32]"])
+    assert runs == [["+experiment=demo", f"seed={s}", f"peft={m}", "data.roi_size=[32,32,32]"]
+                    for s in (0, 1) for m in ("lora", "tcurlora")]
+
+
+def test_parallel_queue_is_seed_major_over_all_sweeps():
+    # (the ablation's Hydra sweeps vary the seed fastest: its jobs 0 and 2 are seed 0)
+    sweeps = {"runs": compare.comparison_overrides(["lora", "tcurlora"], [0, 1], "demo"),
+              **{f"ablation/{k}": v for k, v in compare.ablation_sweeps([1, 8], ["attn", "all"], [0, 1], "demo", 8, False).items()}}
+    queue = compare.job_queue(sweeps)
+    assert [(name, num) for name, num, _ in queue] == [
+        ("runs", 0), ("runs", 1), ("ablation/rank", 0), ("ablation/rank", 2), ("ablation/groups", 0),
+        ("runs", 2), ("runs", 3), ("ablation/rank", 1), ("ablation/rank", 3), ("ablation/groups", 1)]
+    assert [compare._value(run, "seed") for _, _, run in queue] == ["0"] * 5 + ["1"] * 5
+    assert "peft.groups=[attn]" in queue[4][2] and "peft.rank=8" in queue[4][2]
+
+
+def test_parallel_jobs_give_the_same_tables_as_one_sweep(tmp_path):
+    """--jobs 2: single runs two at a time into the sweep's folders, one log per run, collected as usual."""
+    root = write_official_dataset(tmp_path / "toy")
+    out = tmp_path / "out"
+    result = run_compare(tmp_path, "--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0", "1",
+                         "--no-ablation", "--out", str(out), "--", *tiny_overrides(root))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = read_csv(out / "comparison.csv")
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("decoder_only", "0"), ("decoder_only", "1"),
+                                                              ("tcurlora", "0"), ("tcurlora", "1")]
+    assert all(0 <= float(r["dice"]) <= 100 for r in rows)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["0_decoder_only", "1_tcurlora", "2_decoder_only", "3_tcurlora"]
+    assert len(list((out / "logs").glob("runs_*.log"))) == 4 and result.stdout.count(": done in") == 4
+    assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
+
+
+def test_parallel_failed_run_names_its_sweep_and_the_others_finish(tmp_path):
+    root = write_official_dataset(tmp_path / "toy")
+    out = tmp_path / "out"
+    # a rank wider than the tiny ViT (hidden 48) fails for tCURLoRA only
+    result = run_compare(tmp_path, "--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0",
+                         "--ranks", "64", "--groups", "all", "--out", str(out), "--", *tiny_overrides(root))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: sweeps failed: ablation/rank")
+    assert "FAILED (exit 2" in result.stdout
+    assert [r["method"] for r in read_csv(out / "comparison.csv")] == ["decoder_only", "tcurlora"]
