@@ -228,11 +228,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
-    """One entry per distinct ``keys`` value (first-seen order): the keys, ``n`` runs and (mean, std) per metric."""
+    """One entry per distinct ``keys`` value (first-seen order): the keys, ``n`` evaluated runs (an unfinished run
+    has no Dice and does not count) and (mean, std) per metric."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-    return [{**dict(zip(keys, key)), "n": len(members), **{m: mean_std(_values(members, m)) for m in METRICS}}
+    return [{**dict(zip(keys, key)), "n": len(_values(members, "dice")), **{m: mean_std(_values(members, m)) for m in METRICS}}
             for key, members in groups.items()]
 
 

@@ -117,6 +117,7 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
         ("lora", 80.0, 3.0, 7e6, 28.0, 0.5, 900),
         ("lora", 84.0, 5.0, 7e6, 28.0, 0.7, 1100),
         ("tcurlora", 85.0, "", 2.7e6, 10.0, None, 800),  # empty CSV cell and missing stat: left out of the mean
+        ("tcurlora", None, None, 2.7e6, 10.0, 0.4, None),  # cut off before its evaluation: not one of the n seeds
     ]]
     lora, tcur = compare.aggregate(rows, ["method"])
     assert (lora["method"], lora["n"], tcur["n"]) == ("lora", 2, 1)
@@ -126,7 +127,8 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     lora_row, tcur_row = table_rows(table)
     assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "4.00 ± 1.41", "0.600 ± 0.141",
                         "1,000 ± 141", "2"]
-    assert tcur_row[3:6] == ["85.00", "–", "–"] and tcur_row[-1] == "1"
+    # the cut-off run still measured its step time; n counts the evaluated run only
+    assert tcur_row[3:6] == ["85.00", "–", "0.400"] and tcur_row[-1] == "1"
 
 
 def test_ablation_groups_sweep_is_a_hydra_list_sweep():
