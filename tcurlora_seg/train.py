@@ -81,6 +81,35 @@ def _resume_target(cfg: DictConfig, new_dir: Path) -> Path | None:
     return target
 
 
+# What a resumed run may change: where it runs and how it reports, not what it trains.
+RESUME_FREE = {"trainer.resume", "trainer.run_dir", "trainer.device", "trainer.progress", "data.num_workers"}
+_ABSENT = object()
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def check_resume_overrides(given: DictConfig, run_cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse command-line overrides that a resumed run would ignore (it continues with the config it started with).
+
+    An override equal to the run's own value passes: a requeued SLURM job repeats its sweep's overrides.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    conflicts = []
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        key = override.key_or_group
+        if key.split(".")[0] == "hydra" or key in RESUME_FREE:
+            continue
+        new, old = (_plain(OmegaConf.select(c, key, default=_ABSENT)) for c in (given, run_cfg))
+        if new is not _ABSENT and new != old:
+            conflicts.append(f"{override.input_line} (the run has {'nothing' if old is _ABSENT else old})")
+    if conflicts:
+        raise UserError(f"trainer.resume continues {run_dir} with the config it started with, so {'; '.join(conflicts)} "
+                        f"would be ignored: drop them, or start a new run with them")
+
+
 def export(model, cfg: DictConfig, path: str) -> Path:
     """The merged model as a plain UNETR checkpoint (usable as model.pretrained of a later run)."""
     from tcurlora_seg.adapters import merged_state_dict
@@ -150,7 +179,8 @@ def _train(cfg: DictConfig, ctx, device) -> tuple[DictConfig, Path, dict] | None
     if target is not None:
         run_dir = target
         resume = load_checkpoint(checkpoint_path(run_dir, "last"))
-        cfg = load_run_config(run_dir)  # the run continues with the config it started with
+        given, cfg = cfg, load_run_config(run_dir)  # the run continues with the config it started with
+        check_resume_overrides(given, cfg, run_dir)
         if resume["epoch"] >= cfg.trainer.max_epochs:
             log.info(f"{run_dir} already finished its {cfg.trainer.max_epochs} epochs")
             return None

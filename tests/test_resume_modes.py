@@ -35,3 +35,23 @@ def test_fixed_run_folder_is_refused_continued_or_started(tmp_path, official_dat
 def test_unknown_resume_mode_is_one_line(tmp_path, official_dataset):
     result = train(tmp_path, *tiny_run(official_dataset, "trainer.resume=maybe", f"hydra.run.dir={tmp_path / 'r'}"))
     assert result.returncode == 2 and "trainer.resume='maybe'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_resume_refuses_overrides_it_would_ignore(tmp_path, official_dataset):
+    """A resumed run keeps the config it started with: a changed hyperparameter is an error, not silently dropped;
+    the overrides the run started with (a requeued sweep job repeats them) and runtime keys pass."""
+    run = tmp_path / "run"
+    args = tiny_run(official_dataset, "trainer.max_epochs=1", f"hydra.run.dir={run}")
+    assert train(tmp_path, *args).returncode == 0
+    before = snapshot(run)
+
+    changed = train(tmp_path, *args, "trainer.resume=true", f"trainer.run_dir={run}", "optim.lr=0.5",
+                    "trainer.max_epochs=3")
+    assert changed.returncode == 2
+    error = changed.stderr.strip().splitlines()
+    assert len([line for line in error if line.startswith("error:")]) == 1, changed.stderr[-2000:]
+    assert "optim.lr=0.5 (the run has 0.001)" in error[-1] and "trainer.max_epochs=3 (the run has 1)" in error[-1]
+    assert snapshot(run) == before
+
+    same = train(tmp_path, *args, "trainer.resume=true", f"trainer.run_dir={run}", "trainer.progress=true")
+    assert same.returncode == 0 and "already finished its 1 epochs" in same.stderr + same.stdout, same.stderr[-2000:]
