@@ -6,8 +6,10 @@ FORMAT), from the real configs composed with Hydra, with the tiny UNETR at 32³ 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -24,6 +26,14 @@ CONFIGS = REPO / "configs"
 # 2 mm voxels, axes flipped and permuted, an offset: a grid on which mixing up voxel order or affine shows
 AFFINE = np.array([[-2.0, 0, 0, 40], [0, 0, 2.0, -30], [0, 2.0, 0, -20], [0, 0, 0, 1]])
 SHAPE = (36, 24, 20)  # larger than the 32³ window on one axis: more than one window
+
+
+def load_script(name: str) -> ModuleType:
+    """A script of scripts/ as a module (scripts/ is not a package), to test its functions directly."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def one_thread() -> Iterator[None]:

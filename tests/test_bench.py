@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_helpers import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_adapters.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def args_for(out: Path, methods: list[str]) -> argparse.Namespace:
@@ -29,7 +23,7 @@ def args_for(out: Path, methods: list[str]) -> argparse.Namespace:
 
 
 def test_report_is_written_after_every_method_so_a_cut_off_run_keeps_them(tmp_path, monkeypatch):
-    bench = load_bench()
+    bench = load_script("bench_adapters")
     out = tmp_path / "bench.json"
     timings = {"decoder_only": 1.0, "floor": 1.25}
 

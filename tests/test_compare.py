@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -14,19 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_official_dataset
+from tests.run_helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "compare.py"
 
 
-def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_compare()
+compare = load_script("compare")
 
 
 def run_compare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
