@@ -170,6 +170,7 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     print(f"{len(queue)} runs, {jobs} at a time, logs in {out / 'logs'}", flush=True)
     run_one(queue[0])  # alone: it may pretrain the demo's source model, which every later run loads
     with ThreadPoolExecutor(jobs) as pool:
+        # on Ctrl-C, map cancels the queued runs; the running ones got the Ctrl-C too and save their checkpoints
         list(pool.map(run_one, queue[1:]))
     return [name for name in sweeps if name in failed]
 
@@ -391,7 +392,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid)
             sweeps.update({f"ablation/{name}": overrides for name, overrides in ablation.items()})
         if args.jobs > 1:
-            failed = run_parallel(sweeps, extra, out, args.jobs)
+            try:
+                failed = run_parallel(sweeps, extra, out, args.jobs)
+            except KeyboardInterrupt:
+                print(f"stopped by Ctrl-C; the runs that finished are in {out}: python scripts/compare.py "
+                      f"--collect-only {out}", file=sys.stderr)
+                return 130
         else:
             failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
     problem = None

@@ -6,8 +6,10 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,26 @@ def test_parallel_failed_run_names_its_sweep_and_the_others_finish(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: sweeps failed: ablation/rank")
     assert "FAILED (exit 2" in result.stdout
     assert [r["method"] for r in read_csv(out / "comparison.csv")] == ["decoder_only", "tcurlora"]
+
+
+def test_parallel_ctrl_c_stops_the_sweep_and_starts_no_more_runs(tmp_path):
+    """Ctrl-C at a terminal reaches the script and its running runs (one process group): the runs save and stop,
+    no queued run starts, and the script names --collect-only."""
+    root = write_official_dataset(tmp_path / "toy")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0", "1", "2",
+         "--no-ablation", "--out", str(out), "--", *tiny_overrides(root), "trainer.max_epochs=60",
+         "trainer.val_interval=1000"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as at a terminal
+    deadline = time.time() + 300
+    while len(list((out / "runs").glob("*/checkpoints/last.pt"))) < 2:  # the first run alone, then two at a time
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("stopped by Ctrl-C") and "--collect-only" in stderr
+    assert len(list((out / "runs").iterdir())) == 3  # of 6 runs: the first and the two running; none started after
