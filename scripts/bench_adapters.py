@@ -262,8 +262,7 @@ def main() -> None:
         out = args.out or REPO / "bench_results" / f"bench_{run.device.split(':')[0]}_{run.crop}_b{run.batch}.json"
         if args.out and len(runs) > 1:  # one file per setting
             out = out.with_name(f"{out.stem}_{run.device.split(':')[0]}{out.suffix}")
-        report = run_all(run, out)
-        write_report(report, out)
+        report = run_all(run, out)  # written after every method, the last time complete
         print_table(report)
         print(f"\nwrote {out}")
 
