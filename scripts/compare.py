@@ -112,13 +112,21 @@ def ablation_sweeps(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence
     return sweeps
 
 
+def train_command(overrides: Sequence[str], extra: Sequence[str], folder: str) -> list[str]:
+    """The entry point with ``overrides`` and its test evaluation; ``extra`` come last (they win), then the folder."""
+    return [sys.executable, "-m", "tcurlora_seg.train", *overrides, "trainer.evaluate=true", *extra, folder]
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the repository importable (the runs start from any working directory)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def run_sweep(overrides: Sequence[str], extra: Sequence[str], sweep_dir: Path) -> int:
     """One Hydra multirun of ``tcurlora_seg.train`` into ``sweep_dir``; returns its exit code."""
-    command = [sys.executable, "-m", "tcurlora_seg.train", "-m", *overrides, "trainer.evaluate=true", *extra,
-               f"hydra.sweep.dir={sweep_dir}"]
+    command = train_command(["-m", *overrides], extra, f"hydra.sweep.dir={sweep_dir}")
     print("$ " + shlex.join(command), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command, env=child_env()).returncode
 
 
 def expand(overrides: Sequence[str]) -> list[list[str]]:
@@ -144,7 +152,7 @@ def job_queue(sweeps: dict[str, list[str]]) -> list[tuple[str, int, list[str]]]:
 def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: int) -> list[str]:
     """Every run of ``sweeps`` as a single run, ``jobs`` at a time; returns the sweeps with a failed run."""
     queue = job_queue(sweeps)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # N runs share the cores
     (out / "logs").mkdir(parents=True, exist_ok=True)
     failed: set[str] = set()
@@ -154,8 +162,7 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
         name, num, overrides = job
         run_dir = (out / name / f"{num}_{_value(overrides, 'peft') or 'run'}").resolve()
         log = out / "logs" / f"{name.replace('/', '-')}_{num}.log"
-        command = [sys.executable, "-m", "tcurlora_seg.train", *overrides, "trainer.evaluate=true", "trainer.progress=false",
-                   *extra, f"hydra.run.dir={run_dir}"]
+        command = train_command([*overrides, "trainer.progress=false"], extra, f"hydra.run.dir={run_dir}")
         start = time.monotonic()
         with log.open("w") as f:
             f.write("$ " + shlex.join(command) + "\n")

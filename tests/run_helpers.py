@@ -7,6 +7,7 @@ FORMAT), from the real configs composed with Hydra, with the tiny UNETR at 32³ 
 from __future__ import annotations
 
 import importlib.util
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -34,6 +35,13 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def terminal_sigint() -> None:
+    """Popen preexec_fn: SIGINT's default action, as at a terminal. A suite started in the background of a shell
+    without job control (nohup make test &) hands its children SIGINT ignored, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def one_thread() -> Iterator[None]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_official_dataset
-from tests.run_helpers import load_script
+from tests.run_helpers import load_script, terminal_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "compare.py"
@@ -223,7 +223,7 @@ def test_parallel_ctrl_c_stops_the_sweep_and_starts_no_more_runs(tmp_path):
          "--no-ablation", "--out", str(out), "--", *tiny_overrides(root), "trainer.max_epochs=60",
          "trainer.val_interval=1000"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, as at a terminal
+        preexec_fn=terminal_sigint)
     deadline = time.time() + 300
     while len(list((out / "runs").glob("*/checkpoints/last.pt"))) < 2:  # the first run alone, then two at a time
         assert process.poll() is None and time.time() < deadline, process.communicate()[1][-2000:]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tcurlora_seg.engine.run import restore_model
+from tests.run_helpers import terminal_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +32,8 @@ def train(cwd: Path, *args: str, wait: bool = True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tcurlora_seg.train", *args]
     if not wait:
-        # Ctrl-C as at a terminal: a suite started in the background of a shell without job control (nohup make
-        # test &) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                preexec_fn=terminal_sigint)  # Ctrl-C as at a terminal
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
