@@ -152,13 +152,16 @@ def job_queue(sweeps: dict[str, list[str]]) -> list[tuple[str, int, list[str]]]:
 def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: int) -> list[str]:
     """Every run of ``sweeps`` as a single run, ``jobs`` at a time; returns the sweeps with a failed run."""
     queue = job_queue(sweeps)
-    env = child_env()
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))  # N runs share the cores
+    cores = os.cpu_count() or 1
+    alone = child_env()  # the first run has the machine to itself, unless the user fixed the threads
+    alone.setdefault("OMP_NUM_THREADS", str(cores))
+    shared = child_env()
+    shared.setdefault("OMP_NUM_THREADS", str(max(1, cores // jobs)))  # N runs share the cores
     (out / "logs").mkdir(parents=True, exist_ok=True)
     failed: set[str] = set()
     done = itertools.count(1)
 
-    def run_one(job: tuple[str, int, list[str]]) -> None:
+    def run_one(job: tuple[str, int, list[str]], env: dict[str, str] = shared) -> None:
         name, num, overrides = job
         run_dir = (out / name / f"{num}_{_value(overrides, 'peft') or 'run'}").resolve()
         log = out / "logs" / f"{name.replace('/', '-')}_{num}.log"
@@ -175,7 +178,7 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
               f"in {time.monotonic() - start:.0f} s", flush=True)
 
     print(f"{len(queue)} runs, {jobs} at a time, logs in {out / 'logs'}", flush=True)
-    run_one(queue[0])  # alone: it may pretrain the demo's source model, which every later run loads
+    run_one(queue[0], alone)  # alone: it may pretrain the demo's source model, which every later run loads
     with ThreadPoolExecutor(jobs) as pool:
         # on Ctrl-C, map cancels the queued runs; the running ones got the Ctrl-C too and save their checkpoints
         list(pool.map(run_one, queue[1:]))
@@ -378,6 +381,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--grid", action="store_true",
                         help="ablation: every rank x every group setting (default: one factor at a time)")
     parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the tCURLoRA ablation")
+    parser.add_argument("--no-comparison", dest="comparison", action="store_false",
+                        help="skip the comparison of methods (only the ablation)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time on this machine (default 1: Hydra multiruns, any launcher)")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
@@ -390,11 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"error: --jobs {args.jobs}: give 1 or more runs at a time", file=sys.stderr)
         return 2
+    if not (args.comparison or args.ablation or args.collect_only):
+        print("error: --no-comparison with --no-ablation leaves nothing to run; drop one of them", file=sys.stderr)
+        return 2
     out = args.collect_only or args.out or Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     failed = []
     if args.collect_only is None:
         out.mkdir(parents=True, exist_ok=True)
-        sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)}
+        sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)} if args.comparison else {}
         if args.ablation:
             ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid)
             sweeps.update({f"ablation/{name}": overrides for name, overrides in ablation.items()})

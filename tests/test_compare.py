@@ -233,3 +233,41 @@ def test_parallel_ctrl_c_stops_the_sweep_and_starts_no_more_runs(tmp_path):
     assert process.returncode == 130, stderr[-2000:]
     assert stderr.strip().splitlines()[-1].startswith("stopped by Ctrl-C") and "--collect-only" in stderr
     assert len(list((out / "runs").iterdir())) == 3  # of 6 runs: the first and the two running; none started after
+
+
+def test_no_comparison_runs_only_the_ablation(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_parallel(sweeps, extra, out, jobs):
+        seen.update(sweeps)
+        return []
+
+    monkeypatch.setattr(compare, "run_parallel", fake_parallel)
+    compare.main(["--no-comparison", "--jobs", "2", "--seeds", "0", "--out", str(tmp_path)])
+    assert list(seen) == ["ablation/rank", "ablation/groups"]
+    assert all("peft=tcurlora" in overrides for overrides in seen.values())
+
+
+def test_nothing_to_run_is_one_line_error(tmp_path):
+    result = run_compare(tmp_path, "--no-comparison", "--no-ablation", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.startswith("error: --no-comparison with --no-ablation")
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_parallel_first_run_gets_every_core_then_the_runs_share_them(tmp_path, monkeypatch):
+    threads = []
+
+    def fake_run(command, env, stdout, stderr):
+        threads.append(env["OMP_NUM_THREADS"])
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    sweeps = {"runs": compare.comparison_overrides(["decoder_only", "tcurlora"], [0, 1], "demo")}
+    assert compare.run_parallel(sweeps, [], tmp_path, jobs=4) == []
+    assert threads == ["8", "2", "2", "2"]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins for every run
+    threads.clear()
+    compare.run_parallel(sweeps, [], tmp_path, jobs=4)
+    assert threads == ["3"] * 4

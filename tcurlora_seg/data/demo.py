@@ -5,7 +5,10 @@ Two tasks, each written in the official layout (``sub{i}/sub{i}_img.nii.gz``, ``
 
 - ``source/``: a BraTS-like lesion task for pretraining (bright, ring-enhancing blobs inserted into the white matter);
 - ``target/``: a different, tissue-structure task for fine-tuning with 5 training cases (the hippocampal grey matter,
-  carved from the GM probability map inside two ellipsoids around MNI (±28, −22, −14), as in EADC-ADNI / LPBA40).
+  carved from the GM probability map inside two ellipsoids around MNI (±28, −22, −14), as in EADC-ADNI / LPBA40);
+- ``flair/``: a second tumour cohort for fine-tuning with 5 training cases, as the paper's UPENN-GBM: another
+  contrast (FLAIR-like: grey matter brighter than white matter, CSF dark) and another label (whole tumour: a bright
+  core with its oedema), so the source model's features help but do not fit as they are.
 
 Every subject is the template under a random smooth deformation (small affine + coarse displacement field), with a
 gamma change, a multiplicative bias field and noise inside the brain; the background stays exactly 0 (skull-stripped,
@@ -36,8 +39,10 @@ __all__ = ["DEMO_VERSION", "DEMO_SHAPE", "DEMO_TASKS", "build_demo", "demo_is_bu
 DEMO_VERSION = 1
 DEMO_SHAPE = (96, 112, 96)
 MANIFEST = "demo.json"
-# name -> (task code for seeding, train, val, test)
-DEMO_TASKS: dict[str, tuple[int, int, int, int]] = {"source": (1, 16, 4, 0), "target": (2, 5, 3, 10)}
+# name -> (task code for seeding, train, val, test). A task added later is built into an existing cache of the same
+# version and seed without touching the others (and the source model cached beside them).
+DEMO_TASKS: dict[str, tuple[int, int, int, int]] = {
+    "source": (1, 16, 4, 0), "target": (2, 5, 3, 10), "flair": (3, 5, 3, 10)}
 # The 2 mm template is 99×117×95 with the brain in x 13..85, y 14..103, z 0..77: crop x and y, pad z at the top.
 _CROP = ((1, 97), (3, 115), (0, 95))
 _PAD_Z = 1
@@ -143,22 +148,32 @@ def _warp(maps: np.ndarray, grid: torch.Tensor) -> np.ndarray:
     return out[0].numpy()
 
 
-def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """Insert 1-2 ring-enhancing lesions (as in T1ce) centred in the white matter; return the lesion mask."""
+def _lesion_distances(
+    rng: np.random.Generator, shape: tuple[int, ...], wm: np.ndarray, reach: float
+) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """1-2 lesion sites centred in the white matter: per lesion its bounding box and the normalised distance from
+    its centre inside the box (1 at the lesion border, an irregular ellipsoid 6-14 mm across); ``reach`` is the
+    largest distance the caller paints, which sizes the box."""
     candidates = np.argwhere(wm > 0.9)
-    mask = np.zeros(image.shape, dtype=bool)
-    wm_level = float(np.median(image[wm > 0.9]))
+    lesions = []
     for _ in range(int(rng.integers(1, 3))):
         centre = candidates[rng.integers(len(candidates))]
         radii = rng.uniform(3.0, 7.0, size=3)  # voxels: 6-14 mm, like small gliomas
-        # work in the lesion's bounding box only (the wobble below can push the border out by ~15 %)
-        lo = np.maximum(centre - np.ceil(radii * 1.3).astype(int), 0)
-        hi = np.minimum(centre + np.ceil(radii * 1.3).astype(int) + 1, image.shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        # the wobble below can push the border out by ~15 %
+        half = np.ceil(radii * reach * 1.3).astype(int)
+        lo = np.maximum(centre - half, 0)
+        hi = np.minimum(centre + half + 1, shape)
         grid = np.indices(hi - lo, dtype=np.float32) + lo.reshape(3, 1, 1, 1)
         d = np.sqrt(sum(((grid[a] - centre[a]) / radii[a]) ** 2 for a in range(3)))
-        # an irregular border: the distance perturbed by smooth noise
-        d = d + _wobble(rng, d.shape)
+        lesions.append((tuple(slice(a, b) for a, b in zip(lo, hi)), d + _wobble(rng, d.shape)))
+    return lesions
+
+
+def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """Insert 1-2 ring-enhancing lesions (as in T1ce) centred in the white matter; return the lesion mask."""
+    mask = np.zeros(image.shape, dtype=bool)
+    wm_level = float(np.median(image[wm > 0.9]))
+    for box, d in _lesion_distances(rng, image.shape, wm, reach=1.0):
         blob = d <= 1.0
         ring = blob & (d > 0.6)
         core = blob & ~ring
@@ -166,6 +181,26 @@ def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray)
         image[box][core] = wm_level * rng.uniform(0.35, 0.55)
         mask[box] |= blob
     return mask
+
+
+def _insert_flair_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """Insert 1-2 FLAIR-like tumours into the white matter: a bright core in a fainter oedema that fades into the
+    tissue; return the whole-tumour mask (core and oedema, as BraTS' whole tumour)."""
+    mask = np.zeros(image.shape, dtype=bool)
+    level = float(np.median(image[wm > 0.9]))
+    for box, d in _lesion_distances(rng, image.shape, wm, reach=1.6):
+        core = d <= 1.0
+        oedema = (d > 1.0) & (d <= 1.6)
+        image[box][oedema] = np.maximum(image[box][oedema], level * rng.uniform(1.7, 1.9))
+        image[box][core] = level * rng.uniform(2.2, 2.5)
+        mask[box] |= core | oedema
+    return mask
+
+
+def _flair_contrast(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """A FLAIR-like image from the tissue maps: CSF suppressed (dark), grey matter brighter than white matter."""
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    return np.where(brain, 0.15 * csf + 0.65 * gm + 0.45 * wm, 0.0).astype(np.float32)
 
 
 def _wobble(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -178,15 +213,19 @@ def _make_subject(
     rng: np.random.Generator, atlas: tuple[np.ndarray, ...], task: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """One subject: (int16 image, uint8 label) on the demo grid."""
-    t1, _, wm, hippo = atlas
-    # warp only what the task needs: the T1 and either the WM map (lesion sites) or the structure mask
-    image, other = _warp(np.stack([t1, wm if task == "source" else hippo]), _random_grid(rng))
-    brain = image > 0.02
-    image = np.where(brain, image, 0.0).astype(np.float32)
+    t1, gm, wm, hippo = atlas
+    # warp only what the task needs: the T1 and the WM map (lesion sites), the structure mask, or all tissue maps
+    maps = {"source": (t1, wm), "target": (t1, hippo), "flair": (t1, wm, gm)}[task]
+    warped = _warp(np.stack(maps), _random_grid(rng))
+    brain = warped[0] > 0.02
+    image = np.where(brain, warped[0], 0.0).astype(np.float32)
     if task == "source":
-        label = _insert_lesions(rng, image, other)
+        label = _insert_lesions(rng, image, warped[1])
+    elif task == "flair":
+        image = _flair_contrast(warped[2], warped[1], brain)
+        label = _insert_flair_lesions(rng, image, warped[1])
     else:
-        label = other >= 0.5
+        label = warped[1] >= 0.5
     label &= brain
     # contrast (gamma), bias field, global gain and noise; background kept at 0
     image = np.clip(image, 0.0, None) ** rng.uniform(0.8, 1.25)
@@ -223,31 +262,47 @@ def _manifest(seed: int) -> dict:
     }
 
 
-def demo_is_built(root: str | Path, seed: int = 0) -> bool:
-    """True when ``root`` holds a complete demo of this generator version and seed."""
-    path = Path(root) / MANIFEST
+def _read_manifest(root: Path) -> dict | None:
+    path = root / MANIFEST
     if not path.is_file():
-        return False
+        return None
     try:
-        found = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError:
-        return False
-    return found.get("version") == DEMO_VERSION and found.get("seed") == seed
+        return None
+
+
+def _built_tasks(root: Path, seed: int) -> set[str]:
+    """Tasks of a cache that this generator version built with this seed (none for another version or seed)."""
+    found = _read_manifest(root)
+    if not found or found.get("version") != DEMO_VERSION or found.get("seed") != seed:
+        return set()
+    return {task for task in found.get("tasks", {}) if task in DEMO_TASKS and (root / task).is_dir()}
+
+
+def demo_is_built(root: str | Path, seed: int = 0) -> bool:
+    """True when ``root`` holds every demo task of this generator version and seed."""
+    return _built_tasks(Path(root), seed) == set(DEMO_TASKS)
 
 
 def build_demo(root: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Build the demo cohort into ``root`` (``root/source``, ``root/target``) unless an up-to-date one is there.
+    """Build the demo cohort into ``root`` (``root/<task>`` for each of DEMO_TASKS) unless an up-to-date one is there.
 
-    The cohort is written into a temporary sibling folder and moved into place at the end, so an interrupted build
-    never looks complete. An existing ``root`` is only replaced when it is an older demo (it has the manifest) or empty.
+    Each piece is written into a temporary folder and moved into place at the end, so an interrupted build never
+    looks complete. A cache of this version and seed that lacks a task (one added later) gets just that task; any
+    other existing ``root`` is replaced only when it is an older demo (it has the manifest) or empty.
     """
     root = Path(root)
-    if not force and demo_is_built(root, seed):
-        return root
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise UserError(f"{root}: not empty and not a demo cache; choose another data.root for the demo or empty it")
+    kept = set() if force else _built_tasks(root, seed)
+    if kept == set(DEMO_TASKS):
+        return root
     t1, gm, wm, affine = _load_atlas()
     atlas = (t1, gm, wm, _hippocampal_region(gm, affine))
+    if kept:
+        _add_tasks(root, [task for task in DEMO_TASKS if task not in kept], seed, atlas, affine)
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
@@ -261,3 +316,18 @@ def build_demo(root: str | Path, seed: int = 0, force: bool = False) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     return root
+
+
+def _add_tasks(root: Path, tasks: list[str], seed: int, atlas: tuple[np.ndarray, ...], affine: np.ndarray) -> None:
+    """Write ``tasks`` into an existing cache, then the manifest that lists them (replaced atomically, last)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".add-", dir=root))
+    try:
+        for task in tasks:
+            _write_task(tmp / task, task, seed, atlas, affine)
+            if (root / task).exists():  # a leftover that the manifest does not list
+                shutil.rmtree(root / task)
+            (tmp / task).rename(root / task)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed), indent=2) + "\n")
+        (tmp / MANIFEST).replace(root / MANIFEST)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_helpers import compose_data
+from data_helpers import CONFIGS, compose_data
+from hydra import compose, initialize_config_dir
 from tcurlora_seg.data import demo
 from tcurlora_seg.data.check import check_dataset
 from tcurlora_seg.data.layouts import load_cases
@@ -40,7 +42,7 @@ def test_atlas_loads_offline_from_package_data(no_network: None) -> None:
 def test_subjects_are_deterministic_for_a_seed() -> None:
     t1, gm, wm, affine = demo._load_atlas()
     atlas = (t1, gm, wm, demo._hippocampal_region(gm, affine))
-    for task in ("source", "target"):
+    for task in demo.DEMO_TASKS:
         a = demo._make_subject(np.random.default_rng([0, 1, 3]), atlas, task)
         b = demo._make_subject(np.random.default_rng([0, 1, 3]), atlas, task)
         c = demo._make_subject(np.random.default_rng([1, 1, 3]), atlas, task)
@@ -48,18 +50,19 @@ def test_subjects_are_deterministic_for_a_seed() -> None:
         assert not np.array_equal(a[0], c[0])
 
 
-def test_demo_has_both_tasks_in_the_official_layout(demo_root: Path) -> None:
+def test_demo_has_every_task_in_the_official_layout(demo_root: Path) -> None:
     manifest = json.loads((demo_root / "demo.json").read_text())
     assert manifest["version"] == demo.DEMO_VERSION and manifest["seed"] == 0
-    target = load_cases(compose_data("demo", [f"data.root={demo_root / 'target'}", "data.demo=null"]))
-    source = load_cases(compose_data("demo_source", [f"data.root={demo_root / 'source'}", "data.demo=null"]))
-    assert [len(target[s]) for s in ("train", "val", "test")] == [5, 3, 10]
-    assert [len(source[s]) for s in ("train", "val", "test")] == [16, 4, 0]
+    assert set(manifest["tasks"]) == {"source", "target", "flair"}
+    counts = {"demo": ("target", [5, 3, 10]), "demo_source": ("source", [16, 4, 0]), "demo_flair": ("flair", [5, 3, 10])}
+    for config, (task, expected) in counts.items():
+        cases = load_cases(compose_data(config, [f"data.root={demo_root / task}", "data.demo=null"]))
+        assert [len(cases[s]) for s in ("train", "val", "test")] == expected, config
 
 
 def test_demo_volumes_are_small_binary_and_non_empty(demo_root: Path) -> None:
     sums = {}
-    for task in ("source", "target"):
+    for task in demo.DEMO_TASKS:
         for folder in sorted((demo_root / task).glob("sub*")):
             image = nib.load(folder / f"{folder.name}_img.nii.gz")
             label = np.asarray(nib.load(folder / f"{folder.name}_mask.nii.gz").dataobj)
@@ -71,7 +74,22 @@ def test_demo_volumes_are_small_binary_and_non_empty(demo_root: Path) -> None:
             sums.setdefault(task, []).append(int(label.sum()))
     # target: a fixed structure of similar size in every subject; source: lesions that vary
     assert 300 < np.mean(sums["target"]) < 2000 and np.std(sums["target"]) < 0.3 * np.mean(sums["target"])
-    assert len(set(sums["source"])) > 10
+    assert len(set(sums["source"])) > 10 and len(set(sums["flair"])) > 10
+    # whole tumours (core and oedema) are larger than the source's lesions
+    assert np.mean(sums["flair"]) > 2 * np.mean(sums["source"])
+
+
+def test_flair_contrast_suppresses_csf_and_tumours_are_brightest(demo_root: Path) -> None:
+    t1, gm, wm, _ = demo._load_atlas()
+    flair = demo._flair_contrast(gm, wm, t1 > 0.02)
+    csf = (t1 > 0.02) & (gm + wm < 0.1)
+    assert flair[gm > 0.9].mean() > flair[wm > 0.9].mean() > flair[csf].mean()  # the order of T1 turned over
+    assert t1[gm > 0.9].mean() < t1[wm > 0.9].mean()
+    for folder in sorted((demo_root / "flair").glob("sub*"))[:5]:
+        image = np.asarray(nib.load(folder / f"{folder.name}_img.nii.gz").dataobj).astype(float)
+        label = np.asarray(nib.load(folder / f"{folder.name}_mask.nii.gz").dataobj) > 0
+        tissue = image[(image > 0) & ~label]
+        assert np.median(image[label]) > np.percentile(tissue, 95), folder.name
 
 
 def test_tasks_differ_and_target_is_where_the_hippocampi_are(demo_root: Path) -> None:
@@ -103,6 +121,28 @@ def test_cache_is_reused_and_rebuilt_when_stale(demo_root: Path, monkeypatch: py
     assert not demo.demo_is_built(demo_root, seed=0)
 
 
+def test_a_task_missing_from_the_cache_is_added_without_rebuilding_the_others(
+    demo_root: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "demo"
+    shutil.copytree(demo_root, root)
+    manifest = json.loads((root / "demo.json").read_text())
+    del manifest["tasks"]["flair"]  # a cache from before the flair task existed
+    (root / "demo.json").write_text(json.dumps(manifest))
+    shutil.rmtree(root / "flair")
+    (root / "source_unetr.pt").write_bytes(b"the source model cached beside the tasks")
+    stamp = (root / "target" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns
+    assert not demo.demo_is_built(root)
+    demo.build_demo(root)
+    assert demo.demo_is_built(root)
+    assert (root / "source_unetr.pt").read_bytes() == b"the source model cached beside the tasks"
+    assert (root / "target" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns == stamp
+    for name in ("sub1_img.nii.gz", "sub1_mask.nii.gz"):  # the added task is the one a full build writes
+        added = np.asarray(nib.load(root / "flair" / "sub1" / name).dataobj)
+        assert np.array_equal(added, np.asarray(nib.load(demo_root / "flair" / "sub1" / name).dataobj))
+    assert sorted(p.name for p in root.iterdir()) == ["demo.json", "flair", "source", "source_unetr.pt", "target"]
+
+
 def test_demo_config_builds_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr("tcurlora_seg.data.layouts.build_demo", lambda root, seed: calls.append((root, seed)))
@@ -120,3 +160,16 @@ def test_demo_never_overwrites_a_foreign_folder(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not a demo cache"):
         demo.build_demo(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_both_demo_targets_fine_tune_the_one_cached_source_model() -> None:
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        source = compose("train", overrides=["+experiment=demo_source"])
+        targets = {name: compose("train", overrides=[f"+experiment={name}"]) for name in ("demo", "demo_flair")}
+    for name, cfg in targets.items():
+        assert cfg.data.pretrained == source.export_model, name  # the source run's export is what both load
+        assert cfg.data.pretrain_experiment == "demo_source", name
+        same_model = {k: v for k, v in cfg.model.items() if k != "pretrained"}
+        assert same_model == {k: v for k, v in source.model.items() if k != "pretrained"}, name
+        assert Path(cfg.data.root).name == cfg.data.demo.task and Path(cfg.data.root).parent == Path(source.data.root).parent
+    assert targets["demo_flair"].data.demo.task == "flair" and targets["demo_flair"].peft.name == "tcurlora"
