@@ -21,7 +21,8 @@ and ablation setting gets seed 0 before any gets seed 1. The first run goes alon
 model when that is not cached, which the others then share), and each run gets ``OMP_NUM_THREADS`` = cores / N
 unless that is set. A failed run does not stop the others; its sweep is reported as failed.
 The ablation varies one factor at a time (rank with all three tensors; tensor groups at rank 8); ``--grid`` runs
-every rank x group setting instead, in OUT/ablation/grid.
+every rank x group setting instead, in OUT/ablation/grid. The comparison's own tCURLoRA runs (rank 8, all tensors,
+unless overridden after ``--``) are not run again by the one-factor ablation: its table takes them in from OUT/runs.
 Everything after ``--`` is passed to both as Hydra overrides (they come last, so they win). Runs evaluate their test
 split (``trainer.evaluate=true`` is added). Each method runs with its own defaults (``configs/peft/``); a ``peft.*``
 override after ``--`` reaches every method, and those without that key (full, decoder_only) stop on it.
@@ -97,19 +98,37 @@ def ablation_overrides(ranks: Sequence[int], groups: Sequence[str], seeds: Seque
 
 
 def ablation_sweeps(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str,
-                    groups_rank: int, grid: bool) -> dict[str, list[str]]:
+                    groups_rank: int, grid: bool, done: Sequence[tuple[int, str]] = ()) -> dict[str, list[str]]:
     """The ablation's multiruns, by sub-folder of ``ablation/``.
 
     By default one factor at a time: every rank with all three tensors, then the other group settings at
     ``groups_rank`` (the paper's r = 8); the grid costs ranks x groups runs per seed instead of ranks + groups - 1.
+    ``done``: (rank, group setting) pairs that run elsewhere with the same seeds (the comparison's own tCURLoRA runs,
+    which the ablation table takes in), left out of the one-factor sweeps; the grid is one product and keeps them.
     """
     if grid:
         return {"grid": ablation_overrides(ranks, groups, seeds, experiment)}
-    sweeps = {"rank": ablation_overrides(ranks, ["all"], seeds, experiment)}
-    others = [g for g in groups if g != "all" or groups_rank not in ranks]  # (all, groups_rank) ran above
+    sweeps = {}
+    rank_sweep = [r for r in ranks if (r, "all") not in done]
+    if rank_sweep:
+        sweeps["rank"] = ablation_overrides(rank_sweep, ["all"], seeds, experiment)
+    covered = {*done, *((r, "all") for r in ranks)}
+    others = [g for g in groups if (groups_rank, g) not in covered]
     if others:
         sweeps["groups"] = ablation_overrides([groups_rank], others, seeds, experiment)
     return sweeps
+
+
+def comparison_setting(experiment: str, extra: Sequence[str]) -> tuple[int, str] | None:
+    """(rank, group setting) that the comparison's tCURLoRA runs use: its config with the experiment and the extra
+    overrides (launcher and other ``hydra`` keys aside); None when the tensors are not one of GROUPS' settings."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"+experiment={experiment}", "peft=tcurlora", *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        peft = compose("train", overrides=overrides).peft
+    name = next((g for g, tensors in GROUPS.items() if list(peft.groups) == tensors), None)
+    return (int(peft.rank), name) if name else None
 
 
 def train_command(overrides: Sequence[str], extra: Sequence[str], folder: str) -> list[str]:
@@ -337,14 +356,26 @@ def plot_ablation(entries: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_rows(out: Path, stem: str) -> list[dict]:
+    """The rows of one output: its sweep's runs; the ablation also takes in the comparison's tCURLoRA runs (the
+    setting it left out to not run them twice), unless it ran the same setting and seed itself."""
+    folder = next(name for name, s in SWEEPS.items() if s == stem)
+    rows = [collect_run(run) for run in run_folders(out / folder)]
+    if stem == "ablation" and rows:
+        key = lambda r: (str(r["rank"]), r["groups"], str(r["seed"]))  # noqa: E731
+        have = {key(r) for r in rows}
+        shared = [r for r in map(collect_run, run_folders(out / "runs")) if r["method"] == "tcurlora"]
+        rows += [r for r in shared if key(r) not in have]
+    return rows
+
+
 def report(out: Path) -> list[Path]:
     """Collect every sweep folder of ``out`` into its CSV, Markdown table and plot; print the tables."""
     written = []
-    for folder, stem in SWEEPS.items():
-        runs = run_folders(out / folder)
-        if not runs:
+    for stem in SWEEPS.values():
+        rows = sweep_rows(out, stem)
+        if not rows:
             continue
-        rows = [collect_run(run) for run in runs]
         entries = aggregate(rows, KEYS[stem])
         if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
             entries.sort(key=lambda e: (e["groups"] or "", int(e["rank"])))
@@ -404,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)} if args.comparison else {}
         if args.ablation:
-            ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid)
+            shared = [comparison_setting(args.experiment, extra)] if args.comparison and "tcurlora" in args.methods else []
+            ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid,
+                                       done=[s for s in shared if s])
             sweeps.update({f"ablation/{name}": overrides for name, overrides in ablation.items()})
         if args.jobs > 1:
             try:

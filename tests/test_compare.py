@@ -44,7 +44,7 @@ def swept(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("compare")
     root = write_official_dataset(tmp / "toy")
     out = tmp / "out"
-    result = run_compare(tmp, "--methods", "decoder_only", "tcurlora", "--seeds", "0", "--ranks", "1", "2",
+    result = run_compare(tmp, "--methods", "decoder_only", "tcurlora", "--seeds", "0", "--ranks", "1", "8",
                          "--groups", "attn", "all", "--groups-rank", "1", "--out", str(out), "--", *tiny_overrides(root))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return out, result
@@ -77,11 +77,15 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
 
     ablation = read_csv(out / "ablation.csv")
-    # one factor at a time: ranks 1 and 2 with all tensors, then attention only at rank 1
+    # one factor at a time: ranks 1 and 8 with all tensors, then attention only at rank 1; rank 8 with all tensors is
+    # the comparison's own tCURLoRA run (its defaults), taken in rather than run twice
     assert {(r["method"], r["rank"], r["groups"]) for r in ablation} == {
-        ("tcurlora", "1", "attn+mlp_up+mlp_down"), ("tcurlora", "2", "attn+mlp_up+mlp_down"), ("tcurlora", "1", "attn")}
+        ("tcurlora", "1", "attn+mlp_up+mlp_down"), ("tcurlora", "8", "attn+mlp_up+mlp_down"), ("tcurlora", "1", "attn")}
+    shared = next(r for r in ablation if r["rank"] == "8")
+    assert shared == next(r for r in rows if r["method"] == "tcurlora") and "/runs/" in shared["run_dir"]
+    assert len(compare.run_folders(out / "ablation")) == 2
     table = table_rows((out / "ablation.md").read_text())
-    assert [row[:2] for row in table] == [["1", "attn"], ["1", "attn+mlp_up+mlp_down"], ["2", "attn+mlp_up+mlp_down"]]
+    assert [row[:2] for row in table] == [["1", "attn"], ["1", "attn+mlp_up+mlp_down"], ["8", "attn+mlp_up+mlp_down"]]
 
 
 def test_collect_only_rereads_the_runs_without_training(swept):
@@ -148,22 +152,44 @@ def test_ablation_is_one_factor_at_a_time_unless_grid():
     assert list(grid) == ["grid"] and "peft.rank=1,8" in grid["grid"] and "peft.groups=[attn],[attn,mlp_up,mlp_down]" in grid["grid"]
 
 
-def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
-    """Methods split over two sweeps (e.g. two machines), their folders moved under one OUT/runs."""
+def fake_run(run: Path, method: str, dice: float, seed: int = 0, peft: dict | None = None) -> None:
+    """A finished run folder with the files compare.py reads."""
     import yaml
 
+    (run / "eval").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "peft": {"name": method, **(peft or {})}}))
+    (run / "eval" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": dice, "HD95": 5.0}}))
+    (run / "train_stats.json").write_text(json.dumps({"trainable": 10, "step_time_s": 1.0, "peak_memory_mb": 9.0}))
+    (run / "checkpoints" / "best.pt").write_bytes(b"x" * 1024)
+
+
+def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
+    """Methods split over two sweeps (e.g. two machines), their folders moved under one OUT/runs."""
     for sweep, job, method, dice in (("a", 0, "tcurlora", 12.0), ("b", 0, "full", 10.0), ("b", 1, "lora", 11.0)):
-        run = tmp_path / "runs" / sweep / f"{job}_demo_{method}"
-        (run / "eval").mkdir(parents=True)
-        (run / "checkpoints").mkdir()
-        (run / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "peft": {"name": method}}))
-        (run / "eval" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": dice, "HD95": 5.0}}))
-        (run / "train_stats.json").write_text(json.dumps({"trainable": 10, "step_time_s": 1.0, "peak_memory_mb": 9.0}))
-        (run / "checkpoints" / "best.pt").write_bytes(b"x" * 1024)
+        fake_run(tmp_path / "runs" / sweep / f"{job}_demo_{method}", method, dice)
     compare.report(tmp_path)
     assert [row[0] for row in table_rows((tmp_path / "comparison.md").read_text())] == ["full", "lora", "tcurlora"]
     assert {r["method"]: float(r["dice"]) for r in read_csv(tmp_path / "comparison.csv")} == {
         "full": 10.0, "lora": 11.0, "tcurlora": 12.0}
+
+
+def test_ablation_leaves_out_and_takes_in_the_comparisons_tcurlora_runs(tmp_path):
+    sweeps = compare.ablation_sweeps([1, 2, 4, 8, 16], ["attn", "mlp", "all"], [0], "demo", groups_rank=8, grid=False,
+                                     done=[(8, "all")])
+    assert "peft.rank=1,2,4,16" in sweeps["rank"] and "peft.groups=[attn],[mlp_up,mlp_down]" in sweeps["groups"]
+    assert compare.comparison_setting("demo", []) == (8, "all")  # configs/peft/tcurlora.yaml
+    assert compare.comparison_setting("demo", ["peft.rank=4", "hydra.job.chdir=false"]) == (4, "all")
+    assert compare.comparison_setting("demo", ["peft.groups=[attn]"]) == (8, "attn")
+    all3 = {"groups": ["attn", "mlp_up", "mlp_down"]}
+    for seed in (0, 1):
+        fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", 50.0 + seed, seed, {"rank": 8, **all3})
+        fake_run(tmp_path / "runs" / f"{seed}_lora", "lora", 40.0, seed, {"rank": 32})
+    fake_run(tmp_path / "ablation" / "rank" / "0_tcurlora", "tcurlora", 30.0, 0, {"rank": 1, **all3})
+    fake_run(tmp_path / "ablation" / "rank" / "1_tcurlora", "tcurlora", 99.0, 1, {"rank": 8, **all3})  # ran twice
+    compare.report(tmp_path)
+    rows = {(r["rank"], r["seed"]): float(r["dice"]) for r in read_csv(tmp_path / "ablation.csv")}
+    assert rows == {("1", "0"): 30.0, ("8", "1"): 99.0, ("8", "0"): 50.0}  # the ablation's own run wins
 
 
 def test_expand_follows_hydras_sweep_order():
