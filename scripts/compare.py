@@ -30,7 +30,9 @@ override after ``--`` reaches every method, and those without that key (full, de
 From every run folder it reads ``config.yaml`` (method, rank, groups, seed), ``eval/summary.json`` (foreground-mean
 Dice % and HD95 mm on the test split), ``train_stats.json`` (trainable parameters, mean seconds per training step
 without data loading or validation, peak memory: GPU max allocated, CPU max RSS) and the size of
-``checkpoints/best.pt`` (the adapter file). It writes into OUT (default ``outputs/compare/<time>``):
+``checkpoints/best.pt`` (the adapter file), and measures how far the run moved the ViT (``ViT change %``:
+‖W_tuned − W_start‖ / ‖W_start‖ over the blocks' weight matrices, ΔW merged; cached in ``eval/vit_change.json``):
+an adapter with a ViT change near 0 % has trained as decoder-only. It writes into OUT (default ``outputs/compare/<time>``):
     comparison.csv / ablation.csv    one row per run
     comparison.md  / ablation.md     mean ± sample std over seeds per method (per rank x groups), also printed
     comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds
@@ -65,13 +67,14 @@ from tcurlora_seg.errors import UserError  # noqa: E402
 METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora"]
 RANKS = [1, 2, 4, 8, 16]
 GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_up", "mlp_down"]}
-FIELDS = ["method", "rank", "groups", "seed", "dice", "hd95", "trainable", "adapter_mb", "step_time_s",
+FIELDS = ["method", "rank", "groups", "seed", "dice", "hd95", "vit_change_pct", "trainable", "adapter_mb", "step_time_s",
           "peak_memory_mb", "run_dir"]
-METRICS = ["trainable", "adapter_mb", "dice", "hd95", "step_time_s", "peak_memory_mb"]
+METRICS = ["trainable", "adapter_mb", "dice", "hd95", "vit_change_pct", "step_time_s", "peak_memory_mb"]
 # (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
 # The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
 _REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True), ("HD95 mm", "hd95", 1, 2, True),
-         ("s/step", "step_time_s", 1, 3, True), ("peak MB", "peak_memory_mb", 1, 0, True)]
+         ("ViT change %", "vit_change_pct", 1, 2, True), ("s/step", "step_time_s", 1, 3, True),
+         ("peak MB", "peak_memory_mb", 1, 0, True)]
 COLUMNS = {"comparison": [("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
            "ablation": [("trainable params", "trainable", 1, 0, False), *_REST]}
 SWEEPS = {"runs": "comparison", "ablation": "ablation"}  # sweep folder -> output stem
@@ -229,12 +232,34 @@ def collect_run(run_dir: Path) -> dict:
         "seed": cfg["seed"],
         "dice": summary.get("Dice"),
         "hd95": summary.get("HD95"),
+        "vit_change_pct": vit_change_of(run_dir) if best.is_file() else None,
         "trainable": stats.get("trainable"),
         "adapter_mb": best.stat().st_size / 2**20 if best.is_file() else None,
         "step_time_s": stats.get("step_time_s"),
         "peak_memory_mb": stats.get("peak_memory_mb"),
         "run_dir": str(run_dir),
     }
+
+
+def vit_change_of(run_dir: Path) -> float | None:
+    """``run.vit_change`` of the run's best checkpoint, cached in ``eval/vit_change.json`` (it rebuilds two models).
+
+    None, with a warning, when the run cannot be rebuilt here (e.g. its source model is not on this machine)."""
+    from tcurlora_seg.engine.run import vit_change
+
+    best, cache = run_dir / "checkpoints" / "best.pt", run_dir / "eval" / "vit_change.json"
+    stamp = best.stat().st_mtime_ns
+    found = _read_json(cache)
+    if found.get("best_mtime_ns") == stamp:
+        return found["vit_change_pct"]
+    try:
+        value = vit_change(run_dir)
+    except UserError as err:
+        print(f"warning: {run_dir}: no ViT change ({err})", file=sys.stderr)
+        return None
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_text(json.dumps({"vit_change_pct": value, "best_mtime_ns": stamp}) + "\n")
+    return value
 
 
 def run_folders(sweep_dir: Path) -> list[Path]:

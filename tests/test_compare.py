@@ -71,8 +71,12 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
         assert 0 <= float(row["dice"]) <= 100 and float(row["hd95"]) >= 0
         assert float(row["adapter_mb"]) > 0 and float(row["step_time_s"]) > 0 and float(row["peak_memory_mb"]) > 0
     assert int(rows[1]["trainable"]) > int(rows[0]["trainable"]) > 0  # tCURLoRA trains U on top of the decoder
+    # the ViT moved under tCURLoRA (U left zero after its steps), not under decoder-only; measured once, then cached
+    assert float(rows[0]["vit_change_pct"]) == 0.0 and 0 < float(rows[1]["vit_change_pct"]) < 100
+    cached = json.loads((Path(rows[1]["run_dir"]) / "eval" / "vit_change.json").read_text())
+    assert cached["vit_change_pct"] == pytest.approx(float(rows[1]["vit_change_pct"]))
     header = (out / "comparison.md").read_text().splitlines()[0]
-    assert all(h in header for h in ["method", "trainable params (M)", "adapter MB", "Dice %", "HD95 mm", "s/step",
+    assert all(h in header for h in ["method", "trainable params (M)", "adapter MB", "Dice %", "HD95 mm", "ViT change %", "s/step",
                                      "peak MB", "n seeds"])
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
 
@@ -111,12 +115,12 @@ def test_failed_sweep_exits_2_and_names_collect_only(tmp_path):
 
 
 def test_aggregate_gives_mean_and_sample_std_per_method():
-    fields = ["method", "dice", "hd95", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb"]
+    fields = ["method", "dice", "hd95", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb", "vit_change_pct"]
     rows = [dict(zip(fields, values)) for values in [
-        ("lora", 80.0, 3.0, 7e6, 28.0, 0.5, 900),
-        ("lora", 84.0, 5.0, 7e6, 28.0, 0.7, 1100),
-        ("tcurlora", 85.0, "", 2.7e6, 10.0, None, 800),  # empty CSV cell and missing stat: left out of the mean
-        ("tcurlora", None, None, 2.7e6, 10.0, 0.4, None),  # cut off before its evaluation: not one of the n seeds
+        ("lora", 80.0, 3.0, 7e6, 28.0, 0.5, 900, 10.0),
+        ("lora", 84.0, 5.0, 7e6, 28.0, 0.7, 1100, 12.0),
+        ("tcurlora", 85.0, "", 2.7e6, 10.0, None, 800, 2.0),  # empty CSV cell and missing stat: left out of the mean
+        ("tcurlora", None, None, 2.7e6, 10.0, 0.4, None, None),  # cut off before its evaluation: not one of the n seeds
     ]]
     lora, tcur = compare.aggregate(rows, ["method"])
     assert (lora["method"], lora["n"], tcur["n"]) == ("lora", 2, 1)
@@ -124,10 +128,10 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     assert tcur["dice"][0] == 85.0 and math.isnan(tcur["dice"][1]) and math.isnan(tcur["hd95"][0])
     table = compare.markdown([lora, tcur], ["method"])
     lora_row, tcur_row = table_rows(table)
-    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "4.00 ± 1.41", "0.600 ± 0.141",
+    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "4.00 ± 1.41", "11.00 ± 1.41", "0.600 ± 0.141",
                         "1,000 ± 141", "2"]
     # the cut-off run still measured its step time; n counts the evaluated run only
-    assert tcur_row[3:6] == ["85.00", "–", "0.400"] and tcur_row[-1] == "1"
+    assert tcur_row[3:7] == ["85.00", "–", "2.00", "0.400"] and tcur_row[-1] == "1"
 
 
 def test_ablation_groups_sweep_is_a_hydra_list_sweep():
