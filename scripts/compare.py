@@ -339,12 +339,17 @@ def plot_comparison(entries: Sequence[dict], path: Path) -> None:
     """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    placed: list[float] = []
     for entry in entries:
         (params, _), (dice, std) = entry["trainable"], entry["dice"]
         if math.isnan(params) or math.isnan(dice):
             continue
         ax.errorbar(params / 1e6, dice, yerr=0.0 if math.isnan(std) else std, fmt="o", capsize=3)
-        ax.annotate(entry["method"], (params / 1e6, dice), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # methods of about the same size (decoder-only, CURLoRA, tCURLoRA) share an x: stack their labels
+        beside = sum(abs(math.log(params / p)) < 0.05 for p in placed)
+        placed.append(params)
+        ax.annotate(entry["method"], (params / 1e6, dice), textcoords="offset points", xytext=(5, 4 - 9 * beside),
+                    fontsize=8)
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     if hi / lo < 4:  # methods of near-equal size: widen around them, a log axis needs some ticks to label
