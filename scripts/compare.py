@@ -124,14 +124,21 @@ def ablation_sweeps(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence
 
 def comparison_setting(experiment: str, extra: Sequence[str]) -> tuple[int, str] | None:
     """(rank, group setting) that the comparison's tCURLoRA runs use: its config with the experiment and the extra
-    overrides (launcher and other ``hydra`` keys aside); None when the tensors are not one of GROUPS' settings."""
+    overrides (launcher and other ``hydra`` keys aside); None when the tensors are not one of GROUPS' settings or the
+    overrides do not compose."""
     from hydra import compose, initialize_config_dir
 
+    from hydra.errors import HydraException
+
     overrides = [f"+experiment={experiment}", "peft=tcurlora", *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        peft = compose("train", overrides=overrides).peft
-    name = next((g for g, tensors in GROUPS.items() if list(peft.groups) == tensors), None)
-    return (int(peft.rank), name) if name else None
+    try:
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            peft = compose("train", overrides=overrides).peft
+        rank, groups = int(peft.rank), list(peft.groups)
+    except (HydraException, ValueError, TypeError):  # a bad override: every run stops on it with its own one-line error
+        return None
+    name = next((g for g, tensors in GROUPS.items() if groups == tensors), None)
+    return (rank, name) if name else None
 
 
 def train_command(overrides: Sequence[str], extra: Sequence[str], folder: str) -> list[str]:
@@ -386,24 +393,24 @@ def plot_ablation(entries: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_rows(out: Path, stem: str) -> list[dict]:
-    """The rows of one output: its sweep's runs; the ablation also takes in the comparison's tCURLoRA runs (the
+def sweep_rows(out: Path, stem: str, comparison: Sequence[dict] = ()) -> list[dict]:
+    """The rows of one output: its sweep's runs; the ablation also takes in the comparison's tCURLoRA rows (the
     setting it left out to not run them twice), unless it ran the same setting and seed itself."""
     folder = next(name for name, s in SWEEPS.items() if s == stem)
     rows = [collect_run(run) for run in run_folders(out / folder)]
     if stem == "ablation" and rows:
         key = lambda r: (str(r["rank"]), r["groups"], str(r["seed"]))  # noqa: E731
         have = {key(r) for r in rows}
-        shared = [r for r in map(collect_run, run_folders(out / "runs")) if r["method"] == "tcurlora"]
-        rows += [r for r in shared if key(r) not in have]
+        rows += [r for r in comparison if r["method"] == "tcurlora" and key(r) not in have]
     return rows
 
 
 def report(out: Path) -> list[Path]:
     """Collect every sweep folder of ``out`` into its CSV, Markdown table and plot; print the tables."""
     written = []
-    for stem in SWEEPS.values():
-        rows = sweep_rows(out, stem)
+    collected: dict[str, list[dict]] = {}
+    for stem in SWEEPS.values():  # the comparison first: the ablation takes in its tCURLoRA rows
+        rows = collected[stem] = sweep_rows(out, stem, collected.get("comparison", ()))
         if not rows:
             continue
         entries = aggregate(rows, KEYS[stem])

@@ -185,6 +185,8 @@ def test_ablation_leaves_out_and_takes_in_the_comparisons_tcurlora_runs(tmp_path
     assert compare.comparison_setting("demo", []) == (8, "all")  # configs/peft/tcurlora.yaml
     assert compare.comparison_setting("demo", ["peft.rank=4", "hydra.job.chdir=false"]) == (4, "all")
     assert compare.comparison_setting("demo", ["peft.groups=[attn]"]) == (8, "attn")
+    assert compare.comparison_setting("demo", ["trainer.max_epoch=1"]) is None  # a typo: the runs report it
+    assert compare.comparison_setting("demo", ["peft.rank=eight"]) is None
     all3 = {"groups": ["attn", "mlp_up", "mlp_down"]}
     for seed in (0, 1):
         fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", 50.0 + seed, seed, {"rank": 8, **all3})
