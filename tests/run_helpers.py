@@ -119,3 +119,12 @@ def make_run(run_dir: Path, data_root: Path, overrides: Sequence[str] = (), epoc
         }
         save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", payload)
     return run_dir
+
+
+def scalars(run: Path, tag: str) -> list[float]:
+    """The values a run logged to TensorBoard under ``tag``, in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]

@@ -15,6 +15,7 @@ from tcurlora_seg.engine import distributed
 from tcurlora_seg.engine.distributed import Dist
 from tcurlora_seg.errors import UserError
 from tests.conftest import write_official_dataset
+from tests.run_helpers import scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,14 +39,6 @@ def launch(cwd: Path, *args: str, nproc: int) -> subprocess.CompletedProcess:
     prefix = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *prefix, "-m", "tcurlora_seg.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-def scalars(run: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
 
 
 def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tcurlora_seg.engine.run import restore_model
-from tests.run_helpers import terminal_sigint
+from tests.run_helpers import scalars, terminal_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,23 @@ def test_training_writes_a_complete_run_folder_and_evaluates(tmp_path, official_
     # the run rebuilds into the trained model: U moved away from zero
     model, cfg, _ = restore_model(run, "last")
     assert cfg.peft.rank == 2 and model.tcur_groups["attn"].tcur_U.abs().sum() > 0
+
+
+def test_every_method_of_a_seed_trains_on_the_same_data_stream(tmp_path, official_dataset):
+    """Common random numbers: the same case order, crops, flips and dropout masks for every method of a seed, however
+    much randomness building the method used (LoRA draws its A; decoder-only and tCURLoRA draw nothing)."""
+    first = {}
+    for method, seed in (("decoder_only", 0), ("lora", 0), ("tcurlora", 0), ("decoder_only", 1)):
+        run = tmp_path / f"{method}_{seed}"
+        args = [o for o in tiny_run(official_dataset) if method != "decoder_only" or not o.startswith("peft.rank")]
+        result = train(tmp_path, *args, f"peft={method}", f"seed={seed}", "trainer.max_epochs=1",
+                       "trainer.epoch_length=1", f"hydra.run.dir={run}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        first[method, seed] = scalars(run, "train/loss")[0]
+    # every method starts at the base model's output (zero-effect init), so the same first batch gives the same loss
+    assert first["lora", 0] == pytest.approx(first["decoder_only", 0], abs=1e-6)
+    assert first["tcurlora", 0] == pytest.approx(first["decoder_only", 0], abs=1e-6)
+    assert first["decoder_only", 1] != pytest.approx(first["decoder_only", 0], abs=1e-4)  # another seed: another start
 
 
 def test_ctrl_c_saves_and_resume_continues_to_the_last_epoch(tmp_path, official_dataset):

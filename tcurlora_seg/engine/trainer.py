@@ -162,6 +162,10 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
         log.info(report.summary())
     if resume is not None:
         load_adapter_state_dict(model, resume["adapter"])
+    # Common random numbers: building the model drew from the global generators as much as its method needs (LoRA's
+    # random A, none for tCURLoRA), so reseed them. Then every method of a seed sees the same case order, crops, flips
+    # and ViT dropout masks, and the differences between methods at a seed are the methods', not the data stream's.
+    set_determinism(int(cfg.seed) + ctx.rank)
     model.to(device)
     if main:
         log.info(f"{cfg.peft.name}: {count_trainable(model):,} trainable of "
