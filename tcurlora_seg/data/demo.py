@@ -184,8 +184,8 @@ def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray)
 
 
 def _insert_flair_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """Insert 1-2 FLAIR-like tumours into the white matter: a bright core in a fainter oedema that fades into the
-    tissue; return the whole-tumour mask (core and oedema, as BraTS' whole tumour)."""
+    """Insert 1-2 FLAIR-like tumours into the white matter: a bright core inside a fainter rim of oedema (above grey
+    matter); return the whole-tumour mask (core and oedema, as BraTS' whole tumour)."""
     mask = np.zeros(image.shape, dtype=bool)
     level = float(np.median(image[wm > 0.9]))
     for box, d in _lesion_distances(rng, image.shape, wm, reach=1.6):
