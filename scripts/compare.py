@@ -127,7 +127,6 @@ def comparison_setting(experiment: str, extra: Sequence[str]) -> tuple[int, str]
     overrides (launcher and other ``hydra`` keys aside); None when the tensors are not one of GROUPS' settings or the
     overrides do not compose."""
     from hydra import compose, initialize_config_dir
-
     from hydra.errors import HydraException
 
     overrides = [f"+experiment={experiment}", "peft=tcurlora", *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
@@ -393,10 +392,9 @@ def plot_ablation(entries: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def sweep_rows(out: Path, stem: str, comparison: Sequence[dict] = ()) -> list[dict]:
-    """The rows of one output: its sweep's runs; the ablation also takes in the comparison's tCURLoRA rows (the
-    setting it left out to not run them twice), unless it ran the same setting and seed itself."""
-    folder = next(name for name, s in SWEEPS.items() if s == stem)
+def sweep_rows(out: Path, folder: str, stem: str, comparison: Sequence[dict] = ()) -> list[dict]:
+    """The rows of one output (``stem``) from its sweep ``folder``; the ablation also takes in the comparison's
+    tCURLoRA rows (the setting it left out to not run them twice), unless it ran the same setting and seed itself."""
     rows = [collect_run(run) for run in run_folders(out / folder)]
     if stem == "ablation" and rows:
         key = lambda r: (str(r["rank"]), r["groups"], str(r["seed"]))  # noqa: E731
@@ -409,8 +407,8 @@ def report(out: Path) -> list[Path]:
     """Collect every sweep folder of ``out`` into its CSV, Markdown table and plot; print the tables."""
     written = []
     collected: dict[str, list[dict]] = {}
-    for stem in SWEEPS.values():  # the comparison first: the ablation takes in its tCURLoRA rows
-        rows = collected[stem] = sweep_rows(out, stem, collected.get("comparison", ()))
+    for folder, stem in SWEEPS.items():  # the comparison first: the ablation takes in its tCURLoRA rows
+        rows = collected[stem] = sweep_rows(out, folder, stem, collected.get("comparison", ()))
         if not rows:
             continue
         entries = aggregate(rows, KEYS[stem])
