@@ -34,7 +34,9 @@ without data loading or validation, peak memory: GPU max allocated, CPU max RSS)
 ‖W_tuned − W_start‖ / ‖W_start‖ over the blocks' weight matrices, ΔW merged; cached in ``eval/vit_change.json``):
 an adapter with a ViT change near 0 % has trained as decoder-only. It writes into OUT (default ``outputs/compare/<time>``):
     comparison.csv / ablation.csv    one row per run
-    comparison.md  / ablation.md     mean ± sample std over seeds per method (per rank x groups), also printed
+    comparison.md  / ablation.md     mean ± sample std over seeds per method (per rank x groups), also printed;
+                                     with decoder-only among the runs also Δ Dice vs decoder-only, paired by seed
+                                     (the same data stream: common random numbers), and at how many seeds it is above
     comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds
 The demo pretrains its source model in the first run when it is not cached; on a cluster, where runs start
 together, run ``python -m tcurlora_seg.train +experiment=demo_source`` once first.
@@ -67,12 +69,20 @@ from tcurlora_seg.errors import UserError  # noqa: E402
 METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora"]
 RANKS = [1, 2, 4, 8, 16]
 GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_up", "mlp_down"]}
-FIELDS = ["method", "rank", "groups", "seed", "dice", "hd95", "vit_change_pct", "trainable", "adapter_mb", "step_time_s",
-          "peak_memory_mb", "run_dir"]
-METRICS = ["trainable", "adapter_mb", "dice", "hd95", "vit_change_pct", "step_time_s", "peak_memory_mb"]
+# The paired baseline: every method trains the decoder as decoder-only does, plus its own part of the encoder, and
+# with common random numbers (the trainer reseeds after building the model) a seed gives every method the same case
+# order, crops and dropout masks, so Dice minus decoder-only's Dice at the same seed is the method's own effect.
+REFERENCE = "decoder_only"
+PAIRED = "dice_vs_decoder_only"
+FIELDS = ["method", "rank", "groups", "seed", "dice", PAIRED, "hd95", "vit_change_pct", "trainable", "adapter_mb",
+          "step_time_s", "peak_memory_mb", "run_dir"]
+METRICS = ["trainable", "adapter_mb", "dice", PAIRED, "hd95", "vit_change_pct", "step_time_s", "peak_memory_mb"]
 # (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
 # The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
-_REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True), ("HD95 mm", "hd95", 1, 2, True),
+# ("above decoder-only" is a count, "k/n seeds", not a mean.)
+_REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True),
+         ("Δ Dice vs decoder-only", PAIRED, 1, 2, True, True), ("above decoder-only", "above_reference"),
+         ("HD95 mm", "hd95", 1, 2, True),
          ("ViT change %", "vit_change_pct", 1, 2, True), ("s/step", "step_time_s", 1, 3, True),
          ("peak MB", "peak_memory_mb", 1, 0, True)]
 COLUMNS = {"comparison": [("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
@@ -294,15 +304,34 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-    return [{**dict(zip(keys, key)), "n": len(_values(members, "dice")), **{m: mean_std(_values(members, m)) for m in METRICS}}
+    return [{**dict(zip(keys, key)), "n": len(_values(members, "dice")), **{m: mean_std(_values(members, m)) for m in METRICS},
+             "above_reference": above(_values(members, PAIRED))}
             for key, members in groups.items()]
 
 
-def cell(stat: tuple[float, float], scale: float, decimals: int, spread: bool = True) -> str:
+def above(deltas: Sequence[float]) -> str:
+    """"k/n": at how many of the n paired seeds the method beat decoder-only; "–" without pairs."""
+    return f"{sum(d > 0 for d in deltas)}/{len(deltas)}" if deltas else "–"
+
+
+def pair_with_reference(rows: Sequence[dict], reference: Sequence[dict]) -> None:
+    """Set each row's ``PAIRED``: its Dice minus the Dice of the ``REFERENCE`` run of the same seed in ``reference``.
+
+    None where either Dice is missing, for seeds that decoder-only did not run, and for decoder-only itself (0 by
+    definition, and its own spread is the one the others are paired against)."""
+    dice = {str(r["seed"]): float(r["dice"]) for r in reference
+            if r["method"] == REFERENCE and r.get("dice") not in (None, "")}
+    for row in rows:
+        partner = dice.get(str(row["seed"]))
+        paired = row["method"] != REFERENCE and partner is not None and row.get("dice") not in (None, "")
+        row[PAIRED] = float(row["dice"]) - partner if paired else None
+
+
+def cell(stat: tuple[float, float], scale: float, decimals: int, spread: bool = True, signed: bool = False) -> str:
     mean, std = stat
     if math.isnan(mean):
         return "–"
-    text = f"{mean * scale:,.{decimals}f}"
+    text = f"{mean * scale:{'+' if signed else ''},.{decimals}f}"
     return text if math.isnan(std) or not spread else f"{text} ± {std * scale:,.{decimals}f}"
 
 
@@ -310,8 +339,8 @@ def markdown(entries: Sequence[dict], keys: Sequence[str], columns: Sequence[tup
     headers = [*keys, *(c[0] for c in columns), "n seeds"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(keys) + "---:|" * (len(columns) + 1)]
     for entry in entries:
-        cells = [str(entry[k]) for k in keys] + [cell(entry[m], *fmt) for _, m, *fmt in columns] + [str(entry["n"])]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = [str(entry[k]) for k in keys] + [cell(entry[m], *fmt) if fmt else entry[m] for _, m, *fmt in columns]
+        lines.append("| " + " | ".join([*cells, str(entry["n"])]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -411,12 +440,16 @@ def report(out: Path) -> list[Path]:
         rows = collected[stem] = sweep_rows(out, folder, stem, collected.get("comparison", ()))
         if not rows:
             continue
+        pair_with_reference(rows, collected.get("comparison", ()))  # the ablation pairs with the comparison's runs
         entries = aggregate(rows, KEYS[stem])
         if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
             entries.sort(key=lambda e: (e["groups"] or "", int(e["rank"])))
         else:  # the paper's order, also for runs collected from several sweeps (e.g. methods split over machines)
             entries.sort(key=lambda e: METHODS.index(e["method"]) if e["method"] in METHODS else len(METHODS))
-        table = markdown(entries, KEYS[stem], COLUMNS[stem])
+        columns = COLUMNS[stem]
+        if not any(row[PAIRED] is not None for row in rows):  # no decoder-only runs of the same seeds to pair with
+            columns = [c for c in columns if c[1] not in (PAIRED, "above_reference")]
+        table = markdown(entries, KEYS[stem], columns)
         write_csv(rows, out / f"{stem}.csv")
         (out / f"{stem}.md").write_text(table)
         (plot_comparison if stem == "comparison" else plot_ablation)(entries, out / f"{stem}.png")

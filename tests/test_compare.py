@@ -76,8 +76,9 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     cached = json.loads((Path(rows[1]["run_dir"]) / "eval" / "vit_change.json").read_text())
     assert cached["vit_change_pct"] == pytest.approx(float(rows[1]["vit_change_pct"]))
     header = (out / "comparison.md").read_text().splitlines()[0]
-    assert all(h in header for h in ["method", "trainable params (M)", "adapter MB", "Dice %", "HD95 mm", "ViT change %", "s/step",
-                                     "peak MB", "n seeds"])
+    assert all(h in header for h in ["method", "trainable params (M)", "adapter MB", "Dice %", "Δ Dice vs decoder-only",
+                                     "above decoder-only", "HD95 mm", "ViT change %", "s/step", "peak MB", "n seeds"])
+    assert float(rows[1][compare.PAIRED]) == pytest.approx(float(rows[1]["dice"]) - float(rows[0]["dice"]))
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
 
     ablation = read_csv(out / "ablation.csv")
@@ -128,10 +129,11 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     assert tcur["dice"][0] == 85.0 and math.isnan(tcur["dice"][1]) and math.isnan(tcur["hd95"][0])
     table = compare.markdown([lora, tcur], ["method"])
     lora_row, tcur_row = table_rows(table)
-    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "4.00 ± 1.41", "11.00 ± 1.41", "0.600 ± 0.141",
-                        "1,000 ± 141", "2"]
+    # no decoder-only runs to pair with: the paired columns are empty
+    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "–", "–", "4.00 ± 1.41", "11.00 ± 1.41",
+                        "0.600 ± 0.141", "1,000 ± 141", "2"]
     # the cut-off run still measured its step time; n counts the evaluated run only
-    assert tcur_row[3:7] == ["85.00", "–", "2.00", "0.400"] and tcur_row[-1] == "1"
+    assert tcur_row[3:9] == ["85.00", "–", "–", "–", "2.00", "0.400"] and tcur_row[-1] == "1"
 
 
 def test_ablation_groups_sweep_is_a_hydra_list_sweep():
@@ -176,6 +178,30 @@ def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
     assert [row[0] for row in table_rows((tmp_path / "comparison.md").read_text())] == ["full", "lora", "tcurlora"]
     assert {r["method"]: float(r["dice"]) for r in read_csv(tmp_path / "comparison.csv")} == {
         "full": 10.0, "lora": 11.0, "tcurlora": 12.0}
+
+
+def test_dice_is_paired_with_decoder_only_of_the_same_seed(tmp_path):
+    """Common random numbers: a method's Dice minus decoder-only's at the same seed, mean ± std and k/n seeds above."""
+    for seed, (ref, lora, tcur) in enumerate([(60.0, 63.0, 61.0), (70.0, 69.0, 70.5), (80.0, 84.0, None)]):
+        fake_run(tmp_path / "runs" / f"{seed}_decoder_only", "decoder_only", ref, seed)
+        fake_run(tmp_path / "runs" / f"{seed}_lora", "lora", lora, seed)
+        if tcur is not None:
+            fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", tcur, seed, {"rank": 8, "groups": ["attn"]})
+    fake_run(tmp_path / "runs" / "3_tcurlora", "tcurlora", 99.0, 3, {"rank": 8, "groups": ["attn"]})  # no partner
+    fake_run(tmp_path / "ablation" / "rank" / "0_tcurlora", "tcurlora", 58.0, 0, {"rank": 1, "groups": ["attn"]})
+    compare.report(tmp_path)
+    paired = {(r["method"], r["seed"]): r[compare.PAIRED] for r in read_csv(tmp_path / "comparison.csv")}
+    assert paired[("decoder_only", "0")] == "" and paired[("tcurlora", "3")] == ""
+    assert float(paired[("lora", "1")]) == -1.0 and float(paired[("tcurlora", "1")]) == 0.5
+    header, _, *body = (tmp_path / "comparison.md").read_text().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = {row[0]: dict(zip(columns, row)) for row in table_rows((tmp_path / "comparison.md").read_text())}
+    assert rows["lora"]["Δ Dice vs decoder-only"] == "+2.00 ± 2.65" and rows["lora"]["above decoder-only"] == "2/3"
+    assert rows["tcurlora"]["Δ Dice vs decoder-only"] == "+0.75 ± 0.35" and rows["tcurlora"]["above decoder-only"] == "2/2"
+    assert rows["decoder_only"]["Δ Dice vs decoder-only"] == "–" and rows["tcurlora"]["n seeds"] == "3"
+    # the ablation pairs with the comparison's decoder-only runs too
+    ablation = {r["rank"]: r for r in read_csv(tmp_path / "ablation.csv") if r["seed"] == "0"}
+    assert float(ablation["1"][compare.PAIRED]) == -2.0 and float(ablation["8"][compare.PAIRED]) == 1.0
 
 
 def test_ablation_leaves_out_and_takes_in_the_comparisons_tcurlora_runs(tmp_path):
