@@ -24,7 +24,8 @@ The ablation varies one factor at a time (rank with all three tensors; tensor gr
 every rank x group setting instead, in OUT/ablation/grid. The comparison's own tCURLoRA runs (rank 8, all tensors,
 unless overridden after ``--``) are not run again by the one-factor ablation: its table takes them in from OUT/runs.
 Everything after ``--`` is passed to both as Hydra overrides (they come last, so they win). Runs evaluate their test
-split (``trainer.evaluate=true`` is added). Each method runs with its own defaults (``configs/peft/``); a ``peft.*``
+split (``trainer.evaluate=true`` is added); the paper's protocol (softmax of the last 4 epochs, components under
+1 cm³ removed) is ``-- trainer.eval_average_last=4 trainer.eval_min_component_mm3=1000``. Each method runs with its own defaults (``configs/peft/``); a ``peft.*``
 override after ``--`` reaches every method, and those without that key (full, decoder_only) stop on it.
 
 From every run folder it reads ``config.yaml`` (method, rank, groups, seed), ``eval/summary.json`` (foreground-mean

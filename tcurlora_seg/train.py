@@ -121,16 +121,35 @@ def export(model, cfg: DictConfig, path: str) -> Path:
     return out
 
 
+def check_eval_protocol(cfg: DictConfig) -> tuple[int, float]:
+    """``trainer.eval_average_last`` and ``trainer.eval_min_component_mm3``, checked before training rather than after
+    it (an average over more epochs than training keeps would only fail at the end). Runs from before these keys: 1, 0."""
+    trainer = cfg.trainer
+    k, min_mm3 = trainer.get("eval_average_last", 1), trainer.get("eval_min_component_mm3", 0)
+    keep = trainer.get("keep_last_epochs", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"trainer.eval_average_last={k!r}: use 1 (the best checkpoint) or K > 1 (the last K epochs; paper: 4)")
+    if k > 1 and k > keep:
+        raise UserError(f"trainer.eval_average_last={k} needs the last {k} epochs, but trainer.keep_last_epochs={keep} "
+                        f"keeps fewer: raise trainer.keep_last_epochs to {k} or lower trainer.eval_average_last")
+    if isinstance(min_mm3, bool) or not isinstance(min_mm3, (int, float)) or not 0 <= min_mm3 < float("inf"):
+        raise UserError(f"trainer.eval_min_component_mm3={min_mm3!r}: use 0 (keep every component) or a volume in mm³ "
+                        "(paper: 1000)")
+    return k, float(min_mm3)
+
+
 def evaluate(cfg: DictConfig, run_dir: Path) -> None:
-    """The test split with the best checkpoint (and, when kept, the model before fine-tuning, for comparison)."""
+    """The test split with the best checkpoint (and, when kept, the model before fine-tuning, for comparison), by the
+    protocol of `make eval` with ``trainer.eval_average_last`` and ``trainer.eval_min_component_mm3``."""
     from tcurlora_seg.engine.evaluate import evaluate_run
 
+    average_last, min_mm3 = check_eval_protocol(cfg)
     before = None
     if (run_dir / "checkpoints" / "pretrained.pt").is_file():
         log.info("evaluating the model before fine-tuning (zero adapter = the pretrained source model)")
-        before = evaluate_run(run_dir, checkpoint="pretrained", out_dir=run_dir / "eval_pretrained",
+        before = evaluate_run(run_dir, checkpoint="pretrained", min_component_mm3=min_mm3, out_dir=run_dir / "eval_pretrained",
                               save_predictions=False, progress=bool(cfg.trainer.progress))
-    after = evaluate_run(run_dir, progress=bool(cfg.trainer.progress))
+    after = evaluate_run(run_dir, average_last=average_last, min_component_mm3=min_mm3, progress=bool(cfg.trainer.progress))
     if before is not None:
         print(f"test Dice (foreground mean): before fine-tuning {before['foreground_mean']['Dice']:.2f} %, "
               f"after {after['foreground_mean']['Dice']:.2f} %")
@@ -153,6 +172,8 @@ def _follow_main(own_dir: Path, main_dir: Path) -> None:
 def run(cfg: DictConfig) -> None:
     from tcurlora_seg.engine import distributed
 
+    if cfg.trainer.evaluate:
+        check_eval_protocol(cfg)
     ctx, device = distributed.init(cfg.trainer.device)
     try:
         trained = _train(cfg, ctx, device)

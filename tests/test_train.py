@@ -49,12 +49,15 @@ def test_training_writes_a_complete_run_folder_and_evaluates(tmp_path, official_
     source = tmp_path / "source.pt"  # a "pretrained" tiny model in our checkpoint format
     torch.save({"model": make_tiny_unetr(seed=7).state_dict(), "config": {"seed": 7}}, source)
     result = train(tmp_path, *tiny_run(official_dataset, f"model.pretrained={source}", "trainer.evaluate=true",
-                                       "trainer.evaluate_pretrained=true"))
+                                       "trainer.evaluate_pretrained=true", "trainer.eval_average_last=2",
+                                       "trainer.eval_min_component_mm3=1"))
     assert result.returncode == 0, result.stderr[-2000:]
     run = only_run(tmp_path)
-    for folder in ("eval", "eval_pretrained"):
+    for folder, average_last in (("eval", 2), ("eval_pretrained", 1)):
         summary = json.loads((run / folder / "summary.json").read_text())
         assert summary["evaluation"]["n_cases"] == 2 and 0 <= summary["foreground_mean"]["Dice"] <= 100
+        # the protocol of trainer.eval_*: softmax of the last 2 epochs, components under 1 mm³ removed, before and after
+        assert (summary["evaluation"]["average_last"], summary["evaluation"]["min_component_mm3"]) == (average_last, 1.0)
     assert len(list((run / "eval" / "predictions").glob("*.nii.gz"))) == 2
     assert "before fine-tuning" in result.stdout
     names = {p.name for p in (run / "checkpoints").iterdir()}
@@ -116,6 +119,8 @@ def test_ctrl_c_saves_and_resume_continues_to_the_last_epoch(tmp_path, official_
         (["data=official", "data.root=does/not/exist"], "data/README.md"),
         (["trainer.max_epoch=3"], "max_epoch"),
         (["peft.rank=0", "model.pretrained=null"], "peft.rank"),
+        (["trainer.eval_average_last=8", "model.pretrained=null"], "trainer.keep_last_epochs=4"),
+        (["trainer.eval_min_component_mm3=-5", "model.pretrained=null"], "trainer.eval_min_component_mm3"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(tmp_path, args, needle):
