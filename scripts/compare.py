@@ -372,32 +372,43 @@ def _plain_ticks(ax, axis: str = "x") -> None:
 
 
 def plot_comparison(entries: Sequence[dict], path: Path) -> None:
-    """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds."""
+    """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds; beside it,
+    when decoder-only ran with the same seeds, Δ Dice vs decoder-only paired by seed (its much smaller spread is
+    what separates a method from decoder-only)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    paired = any(not math.isnan(e[PAIRED][0]) for e in entries)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 6.5, 4.5), squeeze=False)
+    _method_panel(axes[0, 0], entries, "dice", "test Dice (%)", "Dice vs trainable parameters (mean ± std over seeds)")
+    if paired:
+        axes[0, 1].axhline(0.0, color="grey", linewidth=1)
+        _method_panel(axes[0, 1], [e for e in entries if e["method"] != REFERENCE], PAIRED,
+                      "Δ test Dice vs decoder-only (points)", "paired by seed: Dice − decoder-only's (mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def _method_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: str) -> None:
     placed: list[float] = []
     for entry in entries:
-        (params, _), (dice, std) = entry["trainable"], entry["dice"]
-        if math.isnan(params) or math.isnan(dice):
+        (params, _), (value, std) = entry["trainable"], entry[metric]
+        if math.isnan(params) or math.isnan(value):
             continue
-        ax.errorbar(params / 1e6, dice, yerr=0.0 if math.isnan(std) else std, fmt="o", capsize=3)
+        color = f"C{METHODS.index(entry['method']) % 10}" if entry["method"] in METHODS else None  # same in both panels
+        ax.errorbar(params / 1e6, value, yerr=0.0 if math.isnan(std) else std, fmt="o", capsize=3, color=color)
         # methods of about the same size (decoder-only, CURLoRA, tCURLoRA) share an x: stack their labels
         beside = sum(abs(math.log(params / p)) < 0.05 for p in placed)
         placed.append(params)
-        ax.annotate(entry["method"], (params / 1e6, dice), textcoords="offset points", xytext=(5, 4 - 9 * beside),
+        ax.annotate(entry["method"], (params / 1e6, value), textcoords="offset points", xytext=(5, 4 - 9 * beside),
                     fontsize=8)
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     if hi / lo < 4:  # methods of near-equal size: widen around them, a log axis needs some ticks to label
         ax.set_xlim(math.sqrt(lo * hi) / 2, math.sqrt(lo * hi) * 2)
-    ax.set(xlabel="trainable parameters (M, log scale)", ylabel="test Dice (%)",
-           title="Dice vs trainable parameters (mean ± std over seeds)")
+    ax.set(xlabel="trainable parameters (M, log scale)", ylabel=ylabel, title=title)
     _plain_ticks(ax)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def plot_ablation(entries: Sequence[dict], path: Path) -> None:
