@@ -375,14 +375,20 @@ def plot_comparison(entries: Sequence[dict], path: Path) -> None:
     """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds; beside it,
     when decoder-only ran with the same seeds, Δ Dice vs decoder-only paired by seed (its much smaller spread is
     what separates a method from decoder-only)."""
+    _figure(path, _method_panel, entries, [e for e in entries if e["method"] != REFERENCE],
+            "Dice vs trainable parameters (mean ± std over seeds)")
+
+
+def _figure(path: Path, panel, entries: Sequence[dict], paired_entries: Sequence[dict], title: str) -> None:
+    """``panel`` of the Dice, and beside it, where any entry has a paired Δ Dice, ``panel`` of that."""
     plt = _pyplot()
-    paired = any(not math.isnan(e[PAIRED][0]) for e in entries)
+    paired = any(not math.isnan(e[PAIRED][0]) for e in paired_entries)
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 6.5, 4.5), squeeze=False)
-    _method_panel(axes[0, 0], entries, "dice", "test Dice (%)", "Dice vs trainable parameters (mean ± std over seeds)")
+    panel(axes[0, 0], entries, "dice", "test Dice (%)", title)
     if paired:
         axes[0, 1].axhline(0.0, color="grey", linewidth=1)
-        _method_panel(axes[0, 1], [e for e in entries if e["method"] != REFERENCE], PAIRED,
-                      "Δ test Dice vs decoder-only (points)", "paired by seed: Dice − decoder-only's (mean ± std)")
+        panel(axes[0, 1], paired_entries, PAIRED, "Δ test Dice vs decoder-only (points)",
+              "paired by seed: Dice − decoder-only's (mean ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -412,25 +418,25 @@ def _method_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: 
 
 
 def plot_ablation(entries: Sequence[dict], path: Path) -> None:
-    """tCURLoRA Dice vs rank (log2 x), one line per tensor-group setting, error bars = std over seeds."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    """tCURLoRA Dice vs rank (log2 x), one line per tensor-group setting, error bars = std over seeds; beside it,
+    when the comparison's decoder-only ran with the same seeds, Δ Dice vs decoder-only paired by seed."""
+    _figure(path, _rank_panel, entries, entries, "tCURLoRA: rank and tensor groups (mean ± std over seeds)")
+
+
+def _rank_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: str) -> None:
     for groups in dict.fromkeys(e["groups"] for e in entries):
-        mine = [e for e in entries if e["groups"] == groups and not math.isnan(e["dice"][0])]
-        points = sorted((int(e["rank"]), *e["dice"]) for e in mine)  # (rank, mean Dice, std)
+        mine = [e for e in entries if e["groups"] == groups and not math.isnan(e[metric][0])]
+        points = sorted((int(e["rank"]), *e[metric]) for e in mine)  # (rank, mean, std)
         if points:
-            ranks, dice, std = zip(*points)
-            ax.errorbar(ranks, dice, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
+            ranks, mean, std = zip(*points)
+            ax.errorbar(ranks, mean, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({int(e["rank"]) for e in entries}))
     _plain_ticks(ax)
     ax.ticklabel_format(axis="y", useOffset=False)
-    ax.set(xlabel="rank r", ylabel="test Dice (%)", title="tCURLoRA: rank and tensor groups (mean ± std over seeds)")
+    ax.set(xlabel="rank r", ylabel=ylabel, title=title)
     ax.legend(title="groups")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 def sweep_rows(out: Path, folder: str, stem: str, comparison: Sequence[dict] = ()) -> list[dict]:
