@@ -10,11 +10,17 @@ The forward maths is the same in both: ΔS_k (input × output) = (C ∗ U ∗ R)
 input × output tensor. "official" only changes the selection: it scores the transposed tensor, whose columns are
 our rows. (The official ΔW'_k = (C' ∗ U' ∗ R')_k transposes slice-wise to (R'ᵀ ∗ U'ᵀ ∗ C'ᵀ)_k, i.e. our form with U = U'ᵀ.)
 
-Forward paths (``mode``), both exact, with ``V = U ∗ R`` (r, n2, n3) and ``ΔS_k = sum_j C_{(k-j) mod n3} V_j``:
+Forward paths (``mode``), all exact, with ``V = U ∗ R`` (r, n2, n3) and ``ΔS_k = sum_j C_{(k-j) mod n3} V_j``:
 - "factored": ``x ΔS_k = H_k · Vstack`` with ``H = x · Cflat`` (T, n3·r) re-indexed per slice; never forms ΔS.
   q, k and v of a layer share H. Cheapest when tokens are few (CPU, small crops).
-- "materialized": forms ΔS_k (n1, n2) per slice, then ``x ΔS_k``. Cheaper when tokens outnumber the weight's width.
-- "auto": picks per call from a FLOP estimate of the two.
+- "materialized": forms ΔS_k (n1, n2) per slice with autograd, then ``x ΔS_k``: autograd then forms the full n1 × n2
+  weight gradient of every slice. Kept for checking the others.
+- "fused": one custom autograd function per layer (DESIGN.md §1.5, third path): the forward forms ΔS_k without
+  autograd and runs the base linear with the merged weight W + ΔS; the backward returns the input gradient through
+  that merged weight and ∂L/∂U straight from the factors (``core_grad_from_factors``: x·C and g·Rᵀ, width n3·r).
+  Its cost per token is about half the factored path's, plus a fixed cost per step for forming ΔS: it wins when
+  tokens are many (GPU, 128³ crops, batch 4) and in inference over many windows.
+- "auto": picks per call from a FLOP estimate of the three (training or inference).
 See shared/DESIGN.md §1.5 for measured costs.
 """
 
@@ -24,12 +30,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .base import AdapterLayer, ForwardCachedGroup, clear_forward_caches, freeze_for_adapter
 from .targets import GROUPS, group_targets, stack_group
 from .tensor_cur import (
     apply_t_product_slices,
     circulant_roll,
+    core_grad_from_factors,
     select_tensor_cur,
     t_product,
     t_product_slices,
@@ -38,7 +46,7 @@ from .tensor_cur import (
 
 __all__ = ["TCURLoRAConfig", "TensorCURGroup", "TCURLinear", "apply_tcurlora"]
 
-MODES = ("auto", "factored", "materialized")
+MODES = ("auto", "factored", "materialized", "fused")
 ORIENTATIONS = ("paper", "official")
 
 
@@ -53,7 +61,7 @@ class TCURLoRAConfig:
     orientation: str = field(
         default="paper", metadata={"help": "'paper': slices are weight.T (input × output); 'official': weights as stored"}
     )
-    mode: str = field(default="auto", metadata={"help": "forward path: auto | factored | materialized (same result)"})
+    mode: str = field(default="auto", metadata={"help": "forward path: auto | factored | materialized | fused (same result)"})
     train_out: bool = field(default=False, metadata={"help": "train the 1×1×1 `out` head (needed when the class count changes)"})
 
     def __post_init__(self) -> None:
@@ -99,6 +107,8 @@ class TensorCURGroup(ForwardCachedGroup):
         self.register_buffer("tcur_R", W[rows, :, :].clone(), persistent=False)
         # C's slices side by side, (n1, n3·r), block j = C_j: the layout every forward multiplies with
         self.register_buffer("tcur_Cflat", self.tcur_C.permute(0, 2, 1).reshape(n1, -1).contiguous(), persistent=False)
+        # R's slices transposed side by side, (n2, n3·r), block c = R_cᵀ: the fused path's U-gradient uses g · Rflat_T
+        self.register_buffer("tcur_Rflat_T", self.tcur_R.permute(1, 2, 0).reshape(n2, -1).contiguous(), persistent=False)
         self.tcur_U = nn.Parameter(torch.zeros(rank, rank, n3, dtype=W.dtype, device=W.device))
 
     @property
@@ -145,14 +155,32 @@ class TCURLinear(AdapterLayer):
         # sum_j C_{(k-j)} V_j = ΔS_k with V's slices stacked in order j (tensor_cur.circulant_roll)
         self.register_buffer("tcur_roll", circulant_roll(self.slices, n3), persistent=False)
 
-    def _use_factored(self, tokens: int) -> bool:
+    def path(self, tokens: int) -> str:
+        """The forward path for ``tokens`` rows of input: ``mode``, or under "auto" the cheapest by a FLOP count
+        (multiply-adds beyond the base linear, forward and, when U trains, backward; DESIGN.md §1.5)."""
         if self.mode != "auto":
-            return self.mode == "factored"
+            return self.mode
         n1, n2, n3 = self.group.shape
-        width, s = n3 * self.group.tcur_U.shape[0], len(self.slices)
-        factored = tokens * n1 * width + s * tokens * width * n2
-        materialized = s * n1 * width * n2 + s * tokens * n1 * n2
-        return factored <= materialized
+        r = self.group.tcur_U.shape[0]
+        width, s, T = n3 * r, len(self.slices), tokens
+        form = s * n1 * width * n2  # the slices ΔS_k themselves
+        if torch.is_grad_enabled() and self.group.tcur_U.requires_grad:
+            costs = {"factored": 2 * T * n1 * width + 3 * s * T * width * n2,
+                     "materialized": 2 * form + 3 * s * T * n1 * n2,
+                     "fused": form + T * n1 * width + s * T * width * (n2 + 2 * r)}
+        else:
+            costs = {"factored": T * n1 * width + s * T * width * n2, "materialized": form + s * T * n1 * n2,
+                     "fused": form}
+        return min(costs, key=costs.get)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        path = self.path(x.numel() // x.shape[-1])
+        if path == "fused":
+            return _FusedLinear.apply(x, self.group.tcur_U, self)
+        y = self.base_layer(x)
+        return y + self._adapter_output(x, path).to(y.dtype)
 
     def delta_slices(self) -> Tensor:
         """ΔS_k for this layer's slices: (s, n1, n2), input × output."""
@@ -160,11 +188,15 @@ class TCURLinear(AdapterLayer):
 
     def adapter_output(self, x: Tensor) -> Tensor:
         """x · ΔS_k for each owned slice, concatenated like the base output: (..., n1) -> (..., s·n2)."""
+        path = self.path(x.numel() // x.shape[-1])
+        return self._adapter_output(x, "factored" if path == "fused" else path)
+
+    def _adapter_output(self, x: Tensor, path: str) -> Tensor:
         n1, n2, _ = self.group.shape
         s = len(self.slices)
         lead = x.shape[:-1]
         tokens = x.numel() // n1
-        if not self._use_factored(tokens):
+        if path == "materialized":
             out = torch.einsum("ti,sio->tso", x.reshape(tokens, n1), self.delta_slices().to(x.dtype))
             return out.reshape(*lead, s * n2)
         out = apply_t_product_slices(x.reshape(tokens, n1), self.group.tcur_Cflat.to(x.dtype), self.tcur_roll,
@@ -191,6 +223,43 @@ class TCURLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"slices={list(self.slices)}, mode={self.mode}, merged={self.merged}"
+
+
+class _FusedLinear(torch.autograd.Function):
+    """``TCURLinear`` in one autograd node: y = x (W + ΔS)ᵀ + b with ΔS formed without autograd.
+
+    Backward: grad_x through the same merged weight (the base linear's own cost), ∂L/∂U from x · Cflat and
+    g · Rflat_T (``core_grad_from_factors``). Under bf16 autocast the merged product runs like the base linear
+    (``F.linear``) and the backward's large products run in the gradient's dtype; ∂L/∂U is summed in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, U: Tensor, layer: TCURLinear) -> Tensor:
+        base = layer.base_layer
+        if base.weight.requires_grad:  # this node returns no weight gradient
+            raise RuntimeError("tCURLoRA mode 'fused' needs a frozen base weight; use mode 'factored' to train it too")
+        merged = base.weight + layer.delta_slices().transpose(1, 2).reshape(base.weight.shape).to(base.weight.dtype)
+        ctx.layer = layer
+        ctx.save_for_backward(x, merged)
+        return F.linear(x, merged, base.bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, merged = ctx.saved_tensors
+        layer, group = ctx.layer, ctx.layer.group
+        grad_x = grad_U = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ merged.to(grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            n1, n2, n3 = group.shape
+            dt = grad_out.dtype
+            x2 = x.reshape(-1, n1).to(dt)
+            g = grad_out.reshape(x2.shape[0], len(layer.slices), n2)
+            P = x2 @ group.tcur_Cflat.to(dt)  # (T, n3·r): x C_a side by side
+            Q = g @ group.tcur_Rflat_T.to(dt)  # (T, s, n3·r): g_i R_cᵀ side by side
+            acc = torch.promote_types(dt, torch.float32)  # bf16 products, summed in fp32 (or the model's fp64)
+            grad_U = core_grad_from_factors(P.to(acc), Q.to(acc), layer.slices, n3).to(group.tcur_U.dtype)
+        return grad_x, grad_U, None
 
 
 def apply_tcurlora(model: nn.Module, **options) -> dict:

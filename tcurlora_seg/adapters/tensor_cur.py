@@ -18,6 +18,7 @@ __all__ = [
     "circulant_roll",
     "t_product_slices",
     "apply_t_product_slices",
+    "core_grad_from_factors",
 ]
 
 
@@ -127,3 +128,24 @@ def apply_t_product_slices(x: Tensor, A_flat: Tensor, roll: Tensor, B_stack: Ten
     H = x @ A_flat  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
     Hk = H.view(tokens, n3, -1)[:, roll.flatten(), :]  # (T, s*n3, r)
     return Hk.reshape(tokens, s, -1) @ B_stack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
+
+
+def core_grad_from_factors(P: Tensor, Q: Tensor, slices: tuple[int, ...], n3: int) -> Tensor:
+    """∂L/∂U of L = sum_i <G_i, (C ∗ U ∗ R)_{k_i}> with G_i = xᵀ g_i, never forming an n1 × n2 matrix.
+
+    P = x · Cflat (T, n3·r), block a = x C_a; Q (T, s, n3·r), block c of slice i = g_i R_cᵀ. Since
+    (C ∗ U ∗ R)_k = sum_{a+b+c ≡ k} C_a U_b R_c, ∂L/∂U_b = sum_i M_i[(k_i − b) mod n3] with the circular convolution
+    M_i[m] = sum_a (x C_a)ᵀ (g_i R_{m−a}). In the Fourier domain along the stack (ω = e^{−2πi/n3}) that is
+    M̂_i[f] = P̂[f]ᵀ Q̂_i[f] and DFT(∂L/∂U)[f] = sum_i ω^{k_i f} conj(M̂_i[f]): r × r products per frequency instead
+    of all (n3·r)² block pairs. Returns (r, r, n3).
+    """
+    tokens = P.shape[0]
+    s = Q.shape[1]
+    Pf = torch.fft.rfft(P.reshape(tokens, n3, -1), dim=1)  # (T, F, r)
+    Qf = torch.fft.rfft(Q.reshape(tokens, s, n3, -1), dim=2)  # (T, s, F, r)
+    Mf = torch.einsum("tfa,tsfc->sfac", Pf, Qf)  # (s, F, r, r)
+    f = torch.arange(Mf.shape[1], device=P.device)
+    k = torch.tensor(slices, device=P.device)
+    phase = torch.polar(torch.ones((), device=P.device, dtype=P.dtype), -2 * torch.pi * torch.outer(k, f).to(P.dtype) / n3)
+    Nf = (phase[:, :, None, None] * Mf.conj()).sum(0)  # (F, r, r)
+    return torch.fft.irfft(Nf, n=n3, dim=0).permute(1, 2, 0)

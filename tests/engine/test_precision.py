@@ -13,9 +13,9 @@ from tcurlora_seg.errors import UserError
 from tests.conftest import make_tiny_unetr
 
 
-def _tiny_tcurlora(seed: int = 0) -> torch.nn.Module:
+def _tiny_tcurlora(seed: int = 0, mode: str = "auto") -> torch.nn.Module:
     model = make_tiny_unetr(seed=seed)
-    apply_adapter(model, "tcurlora", rank=2)
+    apply_adapter(model, "tcurlora", rank=2, mode=mode)
     with torch.no_grad():  # a trained-looking U, so that ΔW and U's gradient are not trivially zero
         generator = torch.Generator().manual_seed(1)
         for group in model.tcur_groups.values():
@@ -35,10 +35,11 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_bf16_runs_the_vit_in_bf16_and_keeps_u_and_its_factors_fp32():
-    model = _tiny_tcurlora()
+@pytest.mark.parametrize("mode", ["auto", "fused"])  # auto: factored here; fused: one custom autograd node per layer
+def test_bf16_runs_the_vit_in_bf16_and_keeps_u_and_its_factors_fp32(mode):
+    model = _tiny_tcurlora(mode=mode)
     seen = []
-    model.vit.blocks[0].mlp.linear1.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.vit.blocks[0].mlp.linear1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
     y = (torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(3)) > 0.8).long()
     loss32, grads32 = _loss_and_grads(model, x, y)
