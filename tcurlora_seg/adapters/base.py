@@ -65,17 +65,20 @@ class ForwardCachedGroup(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self._cache: tuple | None = None
+        # one entry per grad mode: within one pass some linears may take their factors with autograd and others
+        # without (tCURLoRA's fused path forms ΔW inside its own autograd node), and neither should evict the other
+        self._cache: dict[tuple, tuple] = {}
 
     def cached(self, params: tuple[Tensor, ...], compute: Callable[[], Any]) -> Any:
-        key = (tuple(p._version for p in params), params[0].device, torch.is_grad_enabled(),
-               torch.is_inference_mode_enabled())
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, compute())
-        return self._cache[1]
+        grad_mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        key = (tuple(p._version for p in params), params[0].device)
+        entry = self._cache.get(grad_mode)
+        if entry is None or entry[0] != key:
+            entry = self._cache[grad_mode] = (key, compute())
+        return entry[1]
 
     def clear_cache(self) -> None:
-        self._cache = None
+        self._cache = {}
 
 
 def clear_forward_caches(model: nn.Module, args: tuple) -> None:

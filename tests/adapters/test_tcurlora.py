@@ -275,3 +275,28 @@ def test_merged_state_dict_loads_into_a_plain_unetr(tiny_unetr, volume):
     plain.load_state_dict(merged_state_dict(tiny_unetr))  # strict: same keys as a plain UNETR
     torch.testing.assert_close(outputs(plain, volume), expected, atol=1e-4, rtol=1e-4)
     assert not any(layer.merged for layer in adapter_layers(tiny_unetr))  # left unmerged as it was
+
+
+def test_mixed_paths_in_one_pass_share_v_once_per_grad_mode(volume, monkeypatch):
+    """q/k/v factored (V with autograd) and o fused (V without, inside its own node): V = U ∗ R is formed once per
+    kind per forward pass, neither evicts the other, and the gradients equal the all-factored model's."""
+    from tcurlora_seg.adapters.tcurlora import TensorCURGroup
+
+    grads = {}
+    for mixed in (False, True):
+        model = make_tiny_unetr()
+        apply_adapter(model, "tcurlora", rank=2, mode="factored")
+        randomise_core(model)
+        model.double().train()
+        if mixed:
+            for block in model.vit.blocks:
+                block.attn.out_proj.mode = "fused"
+        calls = []
+        original = TensorCURGroup.V
+        monkeypatch.setattr(TensorCURGroup, "V", lambda self: calls.append(torch.is_grad_enabled()) or original(self))
+        model(volume.double()).square().mean().backward()
+        monkeypatch.undo()
+        grads[mixed] = torch.cat([g.tcur_U.grad.flatten() for g in model.tcur_groups.values()])
+        # attention, MLP up, MLP down: once each with autograd; attention once more without, for the fused o's
+        assert sorted(calls) == sorted([True] * 3 + [False] * mixed)
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-12, rtol=1e-9)
