@@ -167,7 +167,7 @@ class TCURLinear(AdapterLayer):
         if torch.is_grad_enabled() and self.group.tcur_U.requires_grad:
             costs = {"factored": 2 * T * n1 * width + 3 * s * T * width * n2,
                      "materialized": 2 * form + 3 * s * T * n1 * n2,
-                     "fused": form + T * n1 * width + s * T * width * (n2 + 2 * r)}
+                     "fused": 2 * form + T * n1 * width + s * T * width * (n2 + 2 * r)}
         else:
             costs = {"factored": T * n1 * width + s * T * width * n2, "materialized": form + s * T * n1 * n2,
                      "fused": form}
@@ -225,11 +225,19 @@ class TCURLinear(AdapterLayer):
         return f"slices={list(self.slices)}, mode={self.mode}, merged={self.merged}"
 
 
+def _merged_weight(layer: TCURLinear) -> Tensor:
+    """W + ΔS in the base linear's layout (s·n2, n1), without autograd."""
+    weight = layer.base_layer.weight
+    with torch.no_grad():
+        return weight + layer.delta_slices().transpose(1, 2).reshape(weight.shape).to(weight.dtype)
+
+
 class _FusedLinear(torch.autograd.Function):
     """``TCURLinear`` in one autograd node: y = x (W + ΔS)ᵀ + b with ΔS formed without autograd.
 
-    Backward: grad_x through the same merged weight (the base linear's own cost), ∂L/∂U from x · Cflat and
-    g · Rflat_T (``core_grad_from_factors``). Under bf16 autocast the merged product runs like the base linear
+    Backward: grad_x through the same merged weight, formed again (it would cost n1 × s·n2 floats per layer to keep:
+    a third of a GB for ViT-B, more than LoRA r=32 keeps), ∂L/∂U from x · Cflat and g · Rflat_T
+    (``core_grad_from_factors``). Under bf16 autocast the merged product runs like the base linear
     (``F.linear``) and the backward's large products run in the gradient's dtype; ∂L/∂U is summed in fp32.
     """
 
@@ -238,18 +246,18 @@ class _FusedLinear(torch.autograd.Function):
         base = layer.base_layer
         if base.weight.requires_grad:  # this node returns no weight gradient
             raise RuntimeError("tCURLoRA mode 'fused' needs a frozen base weight; use mode 'factored' to train it too")
-        merged = base.weight + layer.delta_slices().transpose(1, 2).reshape(base.weight.shape).to(base.weight.dtype)
         ctx.layer = layer
-        ctx.save_for_backward(x, merged)
-        return F.linear(x, merged, base.bias)
+        ctx.save_for_backward(x)  # x only, as a LoRA layer keeps: the merged weight is formed again in backward
+        return F.linear(x, _merged_weight(layer), base.bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, merged = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         layer, group = ctx.layer, ctx.layer.group
         grad_x = grad_U = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ merged.to(grad_out.dtype)).to(x.dtype)
+            # V = U ∗ R comes from the pass's cache (U has not changed since the forward)
+            grad_x = (grad_out @ _merged_weight(layer).to(grad_out.dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
             n1, n2, n3 = group.shape
             dt = grad_out.dtype
