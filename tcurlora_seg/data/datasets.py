@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 
@@ -41,16 +42,23 @@ def build_dataset(
     raise UserError(f"data.cache={mode!r}: choose one of {', '.join(CACHE_MODES)}")
 
 
-def build_loader(cfg_data: Mapping[str, Any], dataset: Dataset, split: str, sampler: Any | None = None) -> DataLoader:
+def build_loader(cfg_data: Mapping[str, Any], dataset: Dataset, split: str, sampler: Any | None = None,
+                 seed: int | None = None) -> DataLoader:
     """Training: ``data.batch_size``, shuffled (unless a sampler, e.g. DistributedSampler, is given).
 
     Validation / test: batch 1, in order, because whole volumes differ in size.
+    ``seed``: the loader draws the case order, the random transforms' states and the workers' seeds from a generator
+    of its own, so they do not depend on how many random numbers the model drew meanwhile (peft's LoHa and LoKr
+    draw one per layer per training step for their module dropout): every method of a seed sees the same cases in
+    the same order with the same crops and flips (common random numbers).
     """
     train = split == "train"
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return DataLoader(
         dataset,
         batch_size=int(cfg_data.get("batch_size", 1)) if train else 1,
         shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=int(cfg_data.get("num_workers") or 0),
+        generator=generator,
     )

@@ -67,7 +67,7 @@ def build_loaders(cfg: DictConfig, run_dir: Path, ctx: Dist = Dist()) -> tuple[A
     train = build_dataset(data, cases["train"], "train")
     val = build_dataset(data, cases["val"], "val") if cases["val"] else None
     train_sampler, val_sampler = _samplers(cfg, ctx, train, val)
-    train_loader = build_loader(data, train, "train", sampler=train_sampler)
+    train_loader = build_loader(data, train, "train", sampler=train_sampler, seed=int(cfg.seed) + ctx.rank)
     val_loader = build_loader(data, val, "val", sampler=val_sampler) if val is not None else None
     return train_loader, val_loader
 
@@ -163,8 +163,9 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
     if resume is not None:
         load_adapter_state_dict(model, resume["adapter"])
     # Common random numbers: building the model drew from the global generators as much as its method needs (LoRA's
-    # random A, none for tCURLoRA), so reseed them. Then every method of a seed sees the same case order, crops, flips
-    # and ViT dropout masks, and the differences between methods at a seed are the methods', not the data stream's.
+    # random A, none for tCURLoRA), so reseed them. The training loader draws from a generator of its own
+    # (build_loader), so every method of a seed sees the same case order, crops and flips; the ViT's dropout masks
+    # are the same too unless the method draws random numbers in its forward pass (peft's LoHa and LoKr do).
     set_determinism(int(cfg.seed) + ctx.rank)
     model.to(device)
     if main:
