@@ -38,7 +38,8 @@ an adapter with a ViT change near 0 % has trained as decoder-only. It writes int
     comparison.md  / ablation.md     mean ± sample std over seeds per method (per rank x groups), also printed;
                                      with decoder-only among the runs also Δ Dice vs decoder-only, paired by seed
                                      (the same data stream: common random numbers), and at how many seeds it is above
-    comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds
+    comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds;
+                                     beside it the paired Δ Dice vs decoder-only the same way
 The demo pretrains its source model in the first run when it is not cached; on a cluster, where runs start
 together, run ``python -m tcurlora_seg.train +experiment=demo_source`` once first.
 """
