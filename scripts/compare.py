@@ -72,8 +72,10 @@ METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "cur
 RANKS = [1, 2, 4, 8, 16]
 GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_up", "mlp_down"]}
 # The paired baseline: every method trains the decoder as decoder-only does, plus its own part of the encoder, and
-# with common random numbers (the trainer reseeds after building the model) a seed gives every method the same case
-# order, crops and dropout masks, so Dice minus decoder-only's Dice at the same seed is the method's own effect.
+# with common random numbers (the trainer reseeds after building the model; the training loader has a generator of
+# its own) a seed gives every method the same case order, crops and flips, so Dice minus decoder-only's Dice at the
+# same seed is the method's own effect (and, for methods that draw random numbers in their forward pass, such as
+# peft's LoHa and LoKr, that of their other ViT dropout masks).
 REFERENCE = "decoder_only"
 PAIRED = "dice_vs_decoder_only"
 FIELDS = ["method", "rank", "groups", "seed", "dice", PAIRED, "hd95", "vit_change_pct", "trainable", "adapter_mb",
