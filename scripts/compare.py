@@ -376,40 +376,41 @@ def _plain_ticks(ax, axis: str = "x") -> None:
 
 def plot_comparison(entries: Sequence[dict], path: Path) -> None:
     """Dice vs trainable parameters (log x), one point per method, error bars = std of Dice over seeds; beside it,
-    when decoder-only ran with the same seeds, Δ Dice vs decoder-only paired by seed (its much smaller spread is
-    what separates a method from decoder-only)."""
-    _figure(path, _method_panel, entries, [e for e in entries if e["method"] != REFERENCE],
+    when decoder-only ran with the same seeds, Δ Dice vs decoder-only paired by seed, one row per method (its much
+    smaller spread is what separates a method from decoder-only)."""
+    _figure(path, _method_panel, _paired_rows, entries, [e for e in entries if e["method"] != REFERENCE],
             "Dice vs trainable parameters (mean ± std over seeds)")
 
 
-def _figure(path: Path, panel, entries: Sequence[dict], paired_entries: Sequence[dict], title: str) -> None:
-    """``panel`` of the Dice, and beside it, where any entry has a paired Δ Dice, ``panel`` of that."""
+def _figure(path: Path, panel, paired_panel, entries: Sequence[dict], paired_entries: Sequence[dict], title: str) -> None:
+    """``panel`` of the Dice, and beside it, where any entry has a paired Δ Dice, ``paired_panel`` of that."""
     plt = _pyplot()
     paired = any(not math.isnan(e[PAIRED][0]) for e in paired_entries)
     fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(13 if paired else 6.5, 4.5), squeeze=False)
     panel(axes[0, 0], entries, "dice", "test Dice (%)", title)
     if paired:
-        axes[0, 1].axhline(0.0, color="grey", linewidth=1)
-        panel(axes[0, 1], paired_entries, PAIRED, "Δ test Dice vs decoder-only (points)",
-              "paired by seed: Dice − decoder-only's (mean ± std)")
+        paired_panel(axes[0, 1], paired_entries, PAIRED, "Δ test Dice vs decoder-only (points)",
+                     "paired by seed: Dice − decoder-only's (mean ± std)")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
+def _style(method: str) -> dict:
+    """One colour and marker per method, the same in both panels and in every plot."""
+    i = METHODS.index(method) if method in METHODS else len(METHODS)
+    return {"color": f"C{i % 10}", "marker": "osD^v<>ph*"[i % 10]}
+
+
 def _method_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: str) -> None:
-    placed: list[float] = []
+    # a legend, not labels at the points: methods of about the same size (decoder-only, CURLoRA, tCURLoRA, LoKr)
+    # share an x, and their labels would print over each other
     for entry in entries:
         (params, _), (value, std) = entry["trainable"], entry[metric]
         if math.isnan(params) or math.isnan(value):
             continue
-        color = f"C{METHODS.index(entry['method']) % 10}" if entry["method"] in METHODS else None  # same in both panels
-        ax.errorbar(params / 1e6, value, yerr=0.0 if math.isnan(std) else std, fmt="o", capsize=3, color=color)
-        # methods of about the same size (decoder-only, CURLoRA, tCURLoRA) share an x: stack their labels
-        beside = sum(abs(math.log(params / p)) < 0.05 for p in placed)
-        placed.append(params)
-        ax.annotate(entry["method"], (params / 1e6, value), textcoords="offset points", xytext=(5, 4 - 9 * beside),
-                    fontsize=8)
+        ax.errorbar(params / 1e6, value, yerr=0.0 if math.isnan(std) else std, linestyle="none", capsize=3,
+                    label=entry["method"], **_style(entry["method"]))
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     if hi / lo < 4:  # methods of near-equal size: widen around them, a log axis needs some ticks to label
@@ -418,15 +419,31 @@ def _method_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: 
     _plain_ticks(ax)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+
+
+def _paired_rows(ax, entries: Sequence[dict], metric: str, xlabel: str, title: str) -> None:
+    """One row per method (the table's order, top down), mean ± std of the paired difference, a line at 0."""
+    rows = [e for e in entries if not math.isnan(e[metric][0])]
+    for y, entry in enumerate(reversed(rows)):
+        value, std = entry[metric]
+        ax.errorbar(value, y, xerr=0.0 if math.isnan(std) else std, linestyle="none", capsize=3,
+                    **_style(entry["method"]))
+    ax.axvline(0.0, color="grey", linewidth=1)
+    ax.set_yticks(range(len(rows)), [e["method"] for e in reversed(rows)])
+    ax.set(xlabel=xlabel, title=title)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def plot_ablation(entries: Sequence[dict], path: Path) -> None:
     """tCURLoRA Dice vs rank (log2 x), one line per tensor-group setting, error bars = std over seeds; beside it,
     when the comparison's decoder-only ran with the same seeds, Δ Dice vs decoder-only paired by seed."""
-    _figure(path, _rank_panel, entries, entries, "tCURLoRA: rank and tensor groups (mean ± std over seeds)")
+    _figure(path, _rank_panel, _rank_panel, entries, entries, "tCURLoRA: rank and tensor groups (mean ± std over seeds)")
 
 
 def _rank_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: str) -> None:
+    if metric == PAIRED:
+        ax.axhline(0.0, color="grey", linewidth=1)
     for groups in dict.fromkeys(e["groups"] for e in entries):
         mine = [e for e in entries if e["groups"] == groups and not math.isnan(e[metric][0])]
         points = sorted((int(e["rank"]), *e[metric]) for e in mine)  # (rank, mean, std)
