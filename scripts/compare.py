@@ -444,12 +444,14 @@ def plot_ablation(entries: Sequence[dict], path: Path) -> None:
 def _rank_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: str) -> None:
     if metric == PAIRED:
         ax.axhline(0.0, color="grey", linewidth=1)
-    for groups in dict.fromkeys(e["groups"] for e in entries):
+    settings = list(dict.fromkeys(e["groups"] for e in entries))
+    for i, groups in enumerate(settings):
         mine = [e for e in entries if e["groups"] == groups and not math.isnan(e[metric][0])]
         points = sorted((int(e["rank"]), *e[metric]) for e in mine)  # (rank, mean, std)
         if points:
             ranks, mean, std = zip(*points)
-            ax.errorbar(ranks, mean, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
+            shift = 2 ** (0.06 * (i - (len(settings) - 1) / 2))  # settings at the same rank side by side, not on top
+            ax.errorbar([r * shift for r in ranks], mean, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({int(e["rank"]) for e in entries}))
     _plain_ticks(ax)
