@@ -451,7 +451,8 @@ def _rank_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: st
         if points:
             ranks, mean, std = zip(*points)
             shift = 2 ** (0.06 * (i - (len(settings) - 1) / 2))  # settings at the same rank side by side, not on top
-            ax.errorbar([r * shift for r in ranks], mean, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", capsize=3, label=groups)
+            ax.errorbar([r * shift for r in ranks], mean, yerr=[0.0 if math.isnan(s) else s for s in std], marker="o",
+                        capsize=3, label=groups)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({int(e["rank"]) for e in entries}))
     _plain_ticks(ax)
