@@ -8,6 +8,22 @@
                                                     # (needs the hydra-submitit-launcher plugin)
     python scripts/compare.py --jobs 8              # 8 runs at a time on this machine (one GPU or many cores)
     python scripts/compare.py --collect-only outputs/compare/2025-01-01_12-00-00           # tables from finished runs
+    python scripts/compare.py --adapter-lrs --lrs 1e-4 1e-3 --tune-seeds 0   # every method at its own lr (validation)
+
+Learning rates (``--adapter-lrs [LR ...]``, ``--lrs LR ...``, ``--tune-seeds SEED ...``): at one shared lr a step moves
+each method's ΔW by very different amounts, so a table at one lr ranks lr scale, not methods. With ``--lrs`` the
+shared decoder lr (``optim.lr``) is chosen first, by decoder-only's best validation Dice over the tuning seeds
+(``OUT/runs/tune_lr``); then every other method runs at every adapter lr of the grid (``optim.adapter_lr``, default
+1e-4 ... 1e-1 in half decades) on the tuning seeds (``OUT/runs/tune``) and keeps the one with the highest mean
+validation Dice (ties: the grid's first); then each method runs at its own lr on the remaining seeds
+(``OUT/runs/final/<method>``). The test split never takes part in a choice. ``comparison.csv`` has every run with
+its ``lr``, ``adapter_lr``, ``val_dice`` and ``selected``; the tables and plots hold the selected runs only and name
+the lr; ``tuning.png`` plots validation Dice vs lr. The ablation and the attribution sweep run at the chosen lrs.
+Every table has a ``zero_shot`` row (the pretrained model on the same test cases, from the runs' eval_pretrained/)
+and each method's Δ Dice vs zero-shot, paired by seed. The attribution sweep (``OUT/attribution``, skipped with
+``--no-attribution`` or ``--no-ablation``) trains one frozen part fully on top of decoder-only (the skip encoders
+encoder1..4, the patch embedding, the ViT blocks) and the skip encoders on top of tCURLoRA (``peft.train_extra``, at
+the decoder's lr), beside the comparison's decoder-only and full: which part the gap to full fine-tuning comes from.
 
 Underneath are Hydra multiruns of the real entry point, so any launcher works unchanged:
     python -m tcurlora_seg.train -m +experiment=E seed=0,1,2 peft=M1,M2,... [EXTRA] hydra.sweep.dir=OUT/runs
@@ -40,6 +56,8 @@ an adapter with a ViT change near 0 % has trained as decoder-only. It writes int
                                      (the same data stream: common random numbers), and at how many seeds it is above
     comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds;
                                      beside it the paired Δ Dice vs decoder-only the same way
+    attribution.csv / .md            the attribution sweep's runs and table
+    tuning.json / tuning.png         the lr grids and tuning seeds; validation Dice vs lr (with --adapter-lrs)
 The demo pretrains its source model in the first run when it is not cached; on a cluster, where runs start
 together, run ``python -m tcurlora_seg.train +experiment=demo_source`` once first.
 """
@@ -78,21 +96,38 @@ GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_
 # peft's LoHa and LoKr, that of their other ViT dropout masks).
 REFERENCE = "decoder_only"
 PAIRED = "dice_vs_decoder_only"
-FIELDS = ["method", "rank", "groups", "seed", "dice", PAIRED, "hd95", "vit_change_pct", "trainable", "adapter_mb",
-          "step_time_s", "peak_memory_mb", "run_dir"]
-METRICS = ["trainable", "adapter_mb", "dice", PAIRED, "hd95", "vit_change_pct", "step_time_s", "peak_memory_mb"]
+# The pretrained source model itself, evaluated by every run on the same test split before it trains
+# (eval_pretrained/): one row per seed in every table, so that a method below it shows as such.
+ZERO_SHOT = "zero_shot"
+VS_ZERO_SHOT = "dice_vs_zero_shot"
+FIELDS = ["method", "setting", "rank", "groups", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
+          "hd95", "vit_change_pct", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb", "run_dir"]
+METRICS = ["trainable", "adapter_mb", "dice", PAIRED, VS_ZERO_SHOT, "hd95", "vit_change_pct", "step_time_s",
+           "peak_memory_mb"]
+# The default adapter-lr grid of --adapter-lrs with no values: 1e-4 ... 1e-1 in half decades.
+ADAPTER_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 # (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
 # The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
 # ("above decoder-only" is a count, "k/n seeds", not a mean.)
 _REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True),
          ("Δ Dice vs decoder-only", PAIRED, 1, 2, True, True), ("above decoder-only", "above_reference"),
+         ("Δ Dice vs zero-shot", VS_ZERO_SHOT, 1, 2, True, True),
          ("HD95 mm", "hd95", 1, 2, True),
          ("ViT change %", "vit_change_pct", 1, 2, True), ("s/step", "step_time_s", 1, 3, True),
          ("peak MB", "peak_memory_mb", 1, 0, True)]
-COLUMNS = {"comparison": [("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
+COLUMNS = {"comparison": [("lr", "lr_cell"), ("adapter lr", "adapter_lr_cell"),
+                          ("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
            "ablation": [("trainable params", "trainable", 1, 0, False), *_REST]}
-SWEEPS = {"runs": "comparison", "ablation": "ablation"}  # sweep folder -> output stem
-KEYS = {"comparison": ["method"], "ablation": ["rank", "groups"]}
+COLUMNS["attribution"] = COLUMNS["comparison"]
+SWEEPS = {"runs": "comparison", "ablation": "ablation", "attribution": "attribution"}  # sweep folder -> output stem
+KEYS = {"comparison": ["method"], "ablation": ["rank", "groups"], "attribution": ["setting"]}
+# Where full fine-tuning's gain comes from: one frozen part at a time trains fully (peft.train_extra, at the decoder's
+# lr) on top of decoder-only or tCURLoRA; the table sets them beside the comparison's decoder-only and full runs.
+SKIP_ENCODERS = ["encoder1", "encoder2", "encoder3", "encoder4"]
+ATTRIBUTION = {"decoder_only+skip_encoders": ("decoder_only", SKIP_ENCODERS),
+               "decoder_only+patch_embedding": ("decoder_only", ["vit.patch_embedding"]),
+               "decoder_only+vit_blocks": ("decoder_only", ["vit.blocks"]),
+               "tcurlora+skip_encoders": ("tcurlora", SKIP_ENCODERS)}
 
 
 # --- the sweeps ---------------------------------------------------------------------------------------------------
@@ -240,17 +275,28 @@ def collect_run(run_dir: Path) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     peft = cfg["peft"]
     summary = _read_json(run_dir / "eval" / "summary.json").get("foreground_mean", {})
+    before = _read_json(run_dir / "eval_pretrained" / "summary.json").get("foreground_mean", {})
     stats = _read_json(run_dir / "train_stats.json")
+    optim = cfg.get("optim") or {}
     best = run_dir / "checkpoints" / "best.pt"
     if not summary:
         print(f"warning: {run_dir} has no eval/summary.json (unfinished, or trained with trainer.evaluate=false: "
               f"make eval RUN={run_dir})", file=sys.stderr)
     return {
         "method": peft["name"],
+        "setting": "+".join([peft["name"], *(peft.get("train_extra") or [])]),
         "rank": peft.get("rank"),
         "groups": "+".join(peft["groups"]) if peft.get("groups") else None,
         "seed": cfg["seed"],
+        "lr": _float(optim.get("lr")),
+        # decoder-only has no tensors of its own: its adapter lr means nothing and is left empty
+        "adapter_lr": None if peft["name"] == REFERENCE else _float(optim.get("lr") if optim.get("adapter_lr") is None
+                                                                    else optim.get("adapter_lr")),
+        "val_dice": stats.get("best_val_dice"),
+        "selected": True,
         "dice": summary.get("Dice"),
+        "zero_shot_dice": before.get("Dice"),
+        "zero_shot_hd95": before.get("HD95"),
         "hd95": summary.get("HD95"),
         "vit_change_pct": vit_change_of(run_dir) if best.is_file() else None,
         "trainable": stats.get("trainable"),
@@ -309,7 +355,8 @@ def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     return [{**dict(zip(keys, key)), "n": len(_values(members, "dice")), **{m: mean_std(_values(members, m)) for m in METRICS},
-             "above_reference": above(_values(members, PAIRED))}
+             "above_reference": above(_values(members, PAIRED)), "lr_cell": _lrs(members, "lr"),
+             "adapter_lr_cell": _lrs(members, "adapter_lr")}
             for key, members in groups.items()]
 
 
@@ -331,6 +378,74 @@ def pair_with_reference(rows: Sequence[dict], reference: Sequence[dict]) -> None
         row[PAIRED] = float(row["dice"]) - partner if paired else None
 
 
+def zero_shot_rows(rows: Sequence[dict]) -> list[dict]:
+    """One ``ZERO_SHOT`` row per seed: the pretrained model on the test split, as the runs of that seed evaluated it
+    before training (``eval_pretrained/``; every run of a seed fine-tunes the same source model on the same split)."""
+    found: dict[str, dict] = {}
+    for row in rows:
+        if row.get("zero_shot_dice") is not None and str(row["seed"]) not in found:
+            found[str(row["seed"])] = {**dict.fromkeys(FIELDS), "method": ZERO_SHOT, "setting": ZERO_SHOT,
+                                       "seed": row["seed"], "selected": True,
+                                       "dice": row["zero_shot_dice"], "hd95": row["zero_shot_hd95"], "trainable": 0}
+    return list(found.values())
+
+
+def pair_with_zero_shot(rows: Sequence[dict], reference: Sequence[dict]) -> None:
+    """Set each row's ``VS_ZERO_SHOT``: its Dice minus the zero-shot Dice of the same seed (None for zero-shot)."""
+    dice = {str(r["seed"]): float(r["dice"]) for r in reference if r["method"] == ZERO_SHOT and r.get("dice") is not None}
+    for row in rows:
+        partner = dice.get(str(row["seed"]))
+        paired = row["method"] != ZERO_SHOT and partner is not None and row.get("dice") not in (None, "")
+        row[VS_ZERO_SHOT] = float(row["dice"]) - partner if paired else None
+
+
+def _float(value) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+def choose(rows: Sequence[dict], key: str, grid: Sequence[float] = ()) -> float | None:
+    """The value of ``key`` (``adapter_lr`` or ``lr``) whose runs have the highest mean validation Dice over the seeds
+    that ran more than one value (the tuning seeds); ties go to the first value of ``grid`` (ascending if not given).
+    None when the rows have fewer than two values or no validation Dice (nothing to choose)."""
+    values = sorted({_float(r[key]) for r in rows if _float(r[key]) is not None},
+                    key=lambda v: (grid.index(v), v) if v in grid else (len(grid), v))
+    if len(values) < 2:
+        return None
+    seeds_of = lambda v: {str(r["seed"]) for r in rows if _float(r[key]) == v}  # noqa: E731
+    tune = {seed for v in values for seed in seeds_of(v) if sum(seed in seeds_of(w) for w in values) > 1}
+    means = []
+    for value in values:
+        val = [_float(r["val_dice"]) for r in rows if _float(r[key]) == value and str(r["seed"]) in tune]
+        val = [v for v in val if v is not None]
+        means.append(statistics.fmean(val) if val else -math.inf)
+    return None if max(means) == -math.inf else values[means.index(max(means))]
+
+
+def select(rows: Sequence[dict], adapter_grid: Sequence[float] = (), lr_grid: Sequence[float] = ()) -> dict[str, float]:
+    """Mark ``selected`` the runs at each method's chosen lr, chosen on validation Dice only (never on test): first the
+    shared decoder lr, by decoder-only's runs when they ran several; then every method's adapter lr at that decoder
+    lr. Returns the chosen adapter lr per tuned method (and ``"lr"``: the chosen decoder lr, when one was chosen)."""
+    chosen: dict[str, float] = {}
+    lr = choose([r for r in rows if r["method"] == REFERENCE], "lr", lr_grid)
+    if lr is not None:
+        chosen["lr"] = lr
+    for row in rows:
+        row["selected"] = lr is None or _float(row["lr"]) == lr
+    for method in dict.fromkeys(r["method"] for r in rows):
+        members = [r for r in rows if r["method"] == method and r["selected"]]
+        best = None if method == REFERENCE else choose(members, "adapter_lr", adapter_grid)
+        if best is not None:
+            chosen[method] = best
+            for row in members:
+                row["selected"] = _float(row["adapter_lr"]) == best
+    return chosen
+
+
+def _lrs(rows: Sequence[dict], key: str) -> str:
+    values = sorted({_float(r.get(key)) for r in rows if _float(r.get(key)) is not None})
+    return ", ".join(f"{v:g}" for v in values) or "–"
+
+
 def cell(stat: tuple[float, float], scale: float, decimals: int, spread: bool = True, signed: bool = False) -> str:
     mean, std = stat
     if math.isnan(mean):
@@ -350,7 +465,7 @@ def markdown(entries: Sequence[dict], keys: Sequence[str], columns: Sequence[tup
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -398,6 +513,8 @@ def _figure(path: Path, panel, paired_panel, entries: Sequence[dict], paired_ent
 
 def _style(method: str) -> dict:
     """One colour and marker per method, the same in both panels and in every plot."""
+    if method == ZERO_SHOT:
+        return {"color": "grey", "marker": "x"}
     i = METHODS.index(method) if method in METHODS else len(METHODS)
     return {"color": f"C{i % 10}", "marker": "osD^v<>ph*"[i % 10]}
 
@@ -407,6 +524,9 @@ def _method_panel(ax, entries: Sequence[dict], metric: str, ylabel: str, title: 
     # share an x, and their labels would print over each other
     for entry in entries:
         (params, _), (value, std) = entry["trainable"], entry[metric]
+        if entry["method"] == ZERO_SHOT and not math.isnan(value):  # no parameters trained: a level, not a point
+            ax.axhline(value, linestyle="--", color="grey", label="zero-shot (the source model)")
+            continue
         if math.isnan(params) or math.isnan(value):
             continue
         ax.errorbar(params / 1e6, value, yerr=0.0 if math.isnan(std) else std, linestyle="none", capsize=3,
@@ -433,6 +553,37 @@ def _paired_rows(ax, entries: Sequence[dict], metric: str, xlabel: str, title: s
     ax.set_yticks(range(len(rows)), [e["method"] for e in reversed(rows)])
     ax.set(xlabel=xlabel, title=title)
     ax.grid(True, axis="x", alpha=0.3)
+
+
+def plot_tuning(rows: Sequence[dict], chosen: dict[str, float], path: Path) -> Path:
+    """Validation Dice (mean over the tuning seeds) vs the adapter lr, one line per tuned method, its chosen lr
+    circled; beside it, when the decoder lr was tuned, decoder-only's validation Dice vs that lr. Test Dice plays no
+    part in it."""
+    plt = _pyplot()
+    panels = [("adapter_lr", [m for m in chosen if m != "lr"], "adapter lr (the method's own tensors)")]
+    if "lr" in chosen:
+        panels.append(("lr", [REFERENCE], "decoder lr (decoder-only)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (key, methods, xlabel) in zip(axes[0], panels):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and _float(r[key]) is not None and _float(r["val_dice"]) is not None]
+            if key == "adapter_lr" and "lr" in chosen:
+                mine = [r for r in mine if _float(r["lr"]) == chosen["lr"]]
+            lrs = sorted({_float(r[key]) for r in mine})
+            means = [statistics.fmean(_float(r["val_dice"]) for r in mine if _float(r[key]) == lr) for lr in lrs]
+            ax.plot(lrs, means, label=method, **_style(method))
+            best = chosen["lr" if key == "lr" else method]
+            if best in lrs:
+                ax.plot(best, means[lrs.index(best)], marker="o", markersize=12, fillstyle="none", color="black")
+        ax.set_xscale("log")
+        ax.set(xlabel=xlabel, ylabel="validation Dice (%), mean over tuning seeds",
+               title="lr chosen on validation (circled)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
 
 
 def plot_ablation(entries: Sequence[dict], path: Path) -> None:
@@ -469,33 +620,60 @@ def sweep_rows(out: Path, folder: str, stem: str, comparison: Sequence[dict] = (
     if stem == "ablation" and rows:
         key = lambda r: (str(r["rank"]), r["groups"], str(r["seed"]))  # noqa: E731
         have = {key(r) for r in rows}
-        rows += [r for r in comparison if r["method"] == "tcurlora" and key(r) not in have]
+        rows += [r for r in comparison if r["method"] == "tcurlora" and r["selected"] and key(r) not in have]
+    if stem == "attribution" and rows:  # the two ends of the gap, from the comparison: decoder-only and full
+        rows += [r for r in comparison if r["method"] in (REFERENCE, "full", ZERO_SHOT) and r["selected"]]
     return rows
+
+
+def attribution_sweeps(seeds: Sequence[int], experiment: str) -> dict[str, list[str]]:
+    """One multirun per ATTRIBUTION setting, by sub-folder of ``attribution/``."""
+    return {label: [f"+experiment={experiment}", f"peft={method}", f"peft.train_extra={hydra_list(extra)}",
+                    f"seed={','.join(map(str, seeds))}"] for label, (method, extra) in ATTRIBUTION.items()}
 
 
 def report(out: Path) -> list[Path]:
     """Collect every sweep folder of ``out`` into its CSV, Markdown table and plot; print the tables."""
     written = []
     collected: dict[str, list[dict]] = {}
+    tuning = _read_json(out / "tuning.json")  # the grids of a tuned run (their order breaks ties)
     for folder, stem in SWEEPS.items():  # the comparison first: the ablation takes in its tCURLoRA rows
-        rows = collected[stem] = sweep_rows(out, folder, stem, collected.get("comparison", ()))
+        rows = sweep_rows(out, folder, stem, collected.get("comparison", ()))
         if not rows:
             continue
-        pair_with_reference(rows, collected.get("comparison", ()))  # the ablation pairs with the comparison's runs
-        entries = aggregate(rows, KEYS[stem])
+        if stem == "comparison":
+            rows = zero_shot_rows(rows) + rows
+            chosen = select(rows, tuning.get("adapter_lrs", ()), tuning.get("lrs") or ())
+            if chosen:
+                written += [plot_tuning(rows, chosen, out / "tuning.png")]
+                print("selected on validation Dice: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()), flush=True)
+        collected[stem] = rows
+        reference = collected["comparison"] if "comparison" in collected else ()
+        pair_with_reference(rows, reference)  # the ablation pairs with the comparison's runs
+        pair_with_zero_shot(rows, reference)
+        entries = aggregate([r for r in rows if r["selected"]], KEYS[stem])
         if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
             entries.sort(key=lambda e: (e["groups"] or "", int(e["rank"])))
-        else:  # the paper's order, also for runs collected from several sweeps (e.g. methods split over machines)
-            entries.sort(key=lambda e: METHODS.index(e["method"]) if e["method"] in METHODS else len(METHODS))
+        elif stem == "attribution":  # from decoder-only up to full
+            order = [ZERO_SHOT, REFERENCE, *("+".join([m, *extra]) for m, extra in ATTRIBUTION.values()), "full"]
+            entries.sort(key=lambda e: order.index(e["setting"]) if e["setting"] in order else len(order))
+        else:  # zero-shot, then the paper's order, also for runs collected from several sweeps (e.g. over machines)
+            entries.sort(key=lambda e: ([ZERO_SHOT, *METHODS].index(e["method"]) if e["method"] in [ZERO_SHOT, *METHODS]
+                                        else len(METHODS) + 1))
         columns = COLUMNS[stem]
         if not any(row[PAIRED] is not None for row in rows):  # no decoder-only runs of the same seeds to pair with
             columns = [c for c in columns if c[1] not in (PAIRED, "above_reference")]
+        if not any(row[VS_ZERO_SHOT] is not None for row in rows):  # no run evaluated the pretrained model
+            columns = [c for c in columns if c[1] != VS_ZERO_SHOT]
         table = markdown(entries, KEYS[stem], columns)
         write_csv(rows, out / f"{stem}.csv")
         (out / f"{stem}.md").write_text(table)
-        (plot_comparison if stem == "comparison" else plot_ablation)(entries, out / f"{stem}.png")
-        print(f"\n{stem} ({len(rows)} runs, {out / stem}.csv/.md/.png)\n{table}", flush=True)
-        written += [out / f"{stem}.{ext}" for ext in ("csv", "md", "png")]
+        plot = {"comparison": plot_comparison, "ablation": plot_ablation}.get(stem)
+        if plot:
+            plot(entries, out / f"{stem}.png")
+        outputs = ("csv", "md", "png") if plot else ("csv", "md")
+        print(f"\n{stem} ({len(rows)} runs, {out / stem}.{'/.'.join(outputs)})\n{table}", flush=True)
+        written += [out / f"{stem}.{ext}" for ext in outputs]
     if not written:
         raise UserError(f"no run folders under {out}/runs or {out}/ablation; pass the OUT folder that compare.py wrote")
     return written
@@ -520,14 +698,95 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="ablation: the rank at which the group settings are compared (default: 8, the paper's)")
     parser.add_argument("--grid", action="store_true",
                         help="ablation: every rank x every group setting (default: one factor at a time)")
-    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the tCURLoRA ablation")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
+                        help="skip the tCURLoRA ablation and the attribution sweep")
+    parser.add_argument("--no-attribution", dest="attribution", action="store_false",
+                        help="skip the attribution sweep (decoder-only / tCURLoRA + one frozen part trained fully)")
     parser.add_argument("--no-comparison", dest="comparison", action="store_false",
                         help="skip the comparison of methods (only the ablation)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time on this machine (default 1: Hydra multiruns, any launcher)")
+    parser.add_argument("--adapter-lrs", nargs="*", type=float, metavar="LR",
+                        help="tune every method's own lr (optim.adapter_lr) over these values on validation Dice, then "
+                             "run it at the chosen one (no values: 1e-4 ... 1e-1 in half decades)")
+    parser.add_argument("--lrs", nargs="+", type=float, metavar="LR",
+                        help="first choose the shared decoder lr (optim.lr) among these with decoder-only on validation")
+    parser.add_argument("--tune-seeds", nargs="+", type=int, metavar="SEED",
+                        help="seeds to tune on (default: all of --seeds); the final numbers use every seed")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument("--collect-only", type=Path, metavar="OUT", help="only collect the runs already in OUT (no training)")
     return parser.parse_args(argv), extra
+
+
+def has_validation(experiment: str, extra: Sequence[str]) -> bool:
+    """Whether the runs of ``experiment`` (with ``extra``) validate, i.e. have a best validation Dice to tune on: a
+    split file, a validation list file in the data root, or ``data.split.val`` above 0. True when the overrides do not
+    compose (every run then stops on them with its own one-line error)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = [f"+experiment={experiment}", *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
+    try:
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            data = compose("train", overrides=overrides).data
+        split = data.split
+        listed = split.get("files") and split.files.get("val") and data.root and (Path(data.root) / split.files.val).is_file()
+        return bool(split.get("file") or listed or (split.get("val") or 0) > 0 or data.get("demo"))
+    except (HydraException, ValueError, TypeError):
+        return True
+
+
+def launch(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: int) -> list[str]:
+    """Run ``sweeps`` (Hydra multiruns, or single runs ``jobs`` at a time); returns the sweeps with a failed run."""
+    if jobs > 1:
+        return run_parallel(sweeps, extra, out, jobs)
+    return [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
+
+
+def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """Tune on validation, then the final sweeps: (the sweeps left to run, overrides that every later run of the
+    comparison's settings needs (the chosen decoder lr), the sweeps that failed on the way).
+
+    1. with ``--lrs``: decoder-only at every decoder lr (``optim.lr``), tuning seeds; the best validation Dice picks
+       the shared decoder lr;
+    2. every other method at every adapter lr of the grid (``optim.adapter_lr``), tuning seeds, at that decoder lr
+       (decoder-only once per seed); the best mean validation Dice picks each method's adapter lr;
+    3. returned, not run: every method at its own lr on the remaining seeds.
+    """
+    grid, lrs, tune = args.adapter_lrs or ADAPTER_LRS, args.lrs or [], args.tune_seeds or args.seeds
+    (out / "tuning.json").write_text(json.dumps({"adapter_lrs": grid, "lrs": lrs, "tune_seeds": tune}) + "\n")
+    base = [f"+experiment={args.experiment}"]
+    seeds = lambda values: f"seed={','.join(map(str, values))}"  # noqa: E731
+    failed, decoder = [], []
+    if lrs:
+        failed += launch({"runs/tune_lr": [*base, seeds(tune), f"peft={REFERENCE}", f"optim.lr={','.join(map(str, lrs))}"]},
+                         extra, out, args.jobs)
+        chosen = select([collect_run(r) for r in run_folders(out / "runs" / "tune_lr")], lr_grid=lrs)
+        if "lr" not in chosen:
+            raise UserError(f"--lrs: decoder-only's runs in {out / 'runs' / 'tune_lr'} give no validation Dice to choose by")
+        decoder = [f"optim.lr={chosen['lr']:g}"]
+        print(f"decoder lr chosen on validation: {chosen['lr']:g}", flush=True)
+    tuned = [m for m in args.methods if m != REFERENCE]
+    sweeps = {"runs/tune": [*base, seeds(tune), f"peft={','.join(tuned)}",
+                            f"optim.adapter_lr={','.join(map(str, grid))}", *decoder]} if tuned else {}
+    if REFERENCE in args.methods and not lrs:
+        sweeps["runs/tune_ref"] = [*base, seeds(tune), f"peft={REFERENCE}"]
+    failed += launch(sweeps, extra, out, args.jobs)
+    chosen = select([collect_run(r) for r in run_folders(out / "runs")], grid, lrs)
+    missing = [m for m in tuned if m not in chosen]
+    if missing:
+        raise UserError(f"--adapter-lrs: no validation Dice to choose {', '.join(missing)}'s lr by (runs failed, or "
+                        f"a grid of one value); see {out / 'runs' / 'tune'}")
+    rest = [s for s in args.seeds if s not in tune]
+    final = {}
+    if rest:
+        final = {f"runs/final/{m}": [*base, seeds(rest), f"peft={m}", f"optim.adapter_lr={chosen[m]:g}", *decoder]
+                 for m in tuned}
+        if REFERENCE in args.methods:
+            final[f"runs/final/{REFERENCE}"] = [*base, seeds(rest), f"peft={REFERENCE}", *decoder]
+    if "tcurlora" in chosen:  # the ablation runs at tCURLoRA's own lr
+        decoder = [*decoder, f"optim.adapter_lr={chosen['tcurlora']:g}"]
+    return final, decoder, failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -538,25 +797,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.comparison or args.ablation or args.collect_only):
         print("error: --no-comparison with --no-ablation leaves nothing to run; drop one of them", file=sys.stderr)
         return 2
+    tuning = args.adapter_lrs is not None or args.lrs is not None
+    if tuning and not args.collect_only:
+        problem = None
+        if not args.comparison:
+            problem = "--adapter-lrs / --lrs tune the comparison's methods: drop --no-comparison"
+        elif not set(args.tune_seeds or []) <= set(args.seeds):
+            problem = f"--tune-seeds {args.tune_seeds} must be among --seeds {args.seeds}"
+        elif not has_validation(args.experiment, extra):
+            problem = (f"--adapter-lrs: --experiment {args.experiment} has no validation cases to tune on (never the "
+                       f"test split): set data.split.val, e.g. -- data.split.val=5")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     out = args.collect_only or args.out or Path("outputs/compare") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     failed = []
-    if args.collect_only is None:
-        out.mkdir(parents=True, exist_ok=True)
-        sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)} if args.comparison else {}
-        if args.ablation:
-            shared = [comparison_setting(args.experiment, extra)] if args.comparison and "tcurlora" in args.methods else []
-            ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank, args.grid,
-                                       done=[s for s in shared if s])
-            sweeps.update({f"ablation/{name}": overrides for name, overrides in ablation.items()})
-        if args.jobs > 1:
-            try:
-                failed = run_parallel(sweeps, extra, out, args.jobs)
-            except KeyboardInterrupt:
-                print(f"stopped by Ctrl-C; the runs that finished are in {out}: python scripts/compare.py "
-                      f"--collect-only {out}", file=sys.stderr)
-                return 130
-        else:
-            failed = [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
+    try:
+        if args.collect_only is None:
+            out.mkdir(parents=True, exist_ok=True)
+            sweeps, shared_overrides = {}, []
+            if tuning:
+                sweeps, shared_overrides, failed = tuned_sweeps(args, extra, out)
+            elif args.comparison:
+                sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)}
+            if args.ablation:
+                shared = ([comparison_setting(args.experiment, extra)]
+                          if args.comparison and "tcurlora" in args.methods else [])
+                ablation = ablation_sweeps(args.ranks, args.groups, args.seeds, args.experiment, args.groups_rank,
+                                           args.grid, done=[s for s in shared if s])
+                sweeps.update({f"ablation/{name}": [*overrides, *shared_overrides] for name, overrides in ablation.items()})
+                if args.attribution:
+                    sweeps.update({f"attribution/{name}": [*overrides, *shared_overrides]
+                                   for name, overrides in attribution_sweeps(args.seeds, args.experiment).items()})
+            failed += launch(sweeps, extra, out, args.jobs)
+    except KeyboardInterrupt:
+        print(f"stopped by Ctrl-C; the runs that finished are in {out}: python scripts/compare.py "
+              f"--collect-only {out}", file=sys.stderr)
+        return 130
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     problem = None
     try:
         report(out)

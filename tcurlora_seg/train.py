@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,23 +31,6 @@ from tcurlora_seg.cli import ERRORS, one_line_errors, run_entry
 from tcurlora_seg.errors import UserError
 
 log = logging.getLogger("tcurlora_seg")
-
-
-def ensure_pretrained(cfg: DictConfig) -> None:
-    """Run ``pretrain_experiment`` when ``model.pretrained`` is missing (the demo creates its source model once)."""
-    path = cfg.model.get("pretrained")
-    if not path or Path(path).is_file():
-        return
-    experiment = cfg.get("pretrain_experiment")
-    if not experiment:
-        raise UserError(f"model.pretrained={path}: file not found; pass the source model's checkpoint (or model.pretrained=null to train from scratch)")
-    log.info(f"{path} not found: pretraining it first with +experiment={experiment}")
-    command = [sys.executable, "-m", "tcurlora_seg.train", f"+experiment={experiment}", f"seed={cfg.seed}",
-               f"trainer.device={cfg.trainer.device}", f"trainer.progress={cfg.trainer.progress}"]
-    # one process: under torchrun, rank 0 pretrains while the others wait, so torchrun's variables must not reach it
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    if subprocess.run(command, env=env).returncode != 0 or not Path(path).is_file():
-        raise UserError(f"pretraining with +experiment={experiment} did not produce {path}; see its output above")
 
 
 def _resume_target(cfg: DictConfig, new_dir: Path) -> Path | None:
@@ -151,8 +132,16 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> None:
                               save_predictions=False, progress=bool(cfg.trainer.progress))
     after = evaluate_run(run_dir, average_last=average_last, min_component_mm3=min_mm3, progress=bool(cfg.trainer.progress))
     if before is not None:
-        print(f"test Dice (foreground mean): before fine-tuning {before['foreground_mean']['Dice']:.2f} %, "
-              f"after {after['foreground_mean']['Dice']:.2f} %")
+        print(before_after_table(before, after))
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    """The test split's foreground-mean Dice and HD95 before fine-tuning (zero-shot), after, and the change."""
+    rows = [f"{'test (foreground mean)':<24}{'before (zero-shot)':>20}{'after':>10}{'change':>10}"]
+    for key, unit in (("Dice", "%"), ("HD95", "mm")):
+        b, a = before["foreground_mean"][key], after["foreground_mean"][key]
+        rows.append(f"{key + ' ' + unit:<24}{b:>20.2f}{a:>10.2f}{a - b:>+10.2f}")
+    return "\n".join(rows)
 
 
 def _follow_main(own_dir: Path, main_dir: Path) -> None:
@@ -187,6 +176,7 @@ def run(cfg: DictConfig) -> None:
 def _train(cfg: DictConfig, ctx, device) -> tuple[DictConfig, Path, dict] | None:
     """Every rank: the run folder, resume or pretraining, then ``fit``; None when the run had already finished."""
     from tcurlora_seg.engine import distributed
+    from tcurlora_seg.engine.pretrain import ensure_pretrained
     from tcurlora_seg.engine.run import checkpoint_path, load_run_config
     from tcurlora_seg.engine.trainer import fit
     from tcurlora_seg.models.checkpoint import load_checkpoint

@@ -92,6 +92,59 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     table = table_rows((out / "ablation.md").read_text())
     assert [row[:2] for row in table] == [["1", "attn"], ["1", "attn+mlp_up+mlp_down"], ["8", "attn+mlp_up+mlp_down"]]
 
+    # the attribution sweep: one frozen part at a time trained fully, beside the comparison's decoder-only
+    attribution = {r["setting"]: r for r in read_csv(out / "attribution.csv")}
+    assert set(attribution) == {"decoder_only", "decoder_only+encoder1+encoder2+encoder3+encoder4",
+                                "decoder_only+vit.patch_embedding", "decoder_only+vit.blocks",
+                                "tcurlora+encoder1+encoder2+encoder3+encoder4"}
+    trainable = {k: int(r["trainable"]) for k, r in attribution.items()}
+    assert trainable["decoder_only"] < trainable["decoder_only+vit.patch_embedding"] < trainable["decoder_only+vit.blocks"]
+    assert trainable["decoder_only+encoder1+encoder2+encoder3+encoder4"] < trainable["tcurlora+encoder1+encoder2+encoder3+encoder4"]
+    assert [r[0] for r in table_rows((out / "attribution.md").read_text())][0] == "decoder_only"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Through the real entry point: decoder-only and tCURLoRA from a tiny "pretrained" model, tCURLoRA's adapter lr
+    tuned over {0, 0.05} on seed 0's validation case, both methods then run at seed 1 too."""
+    import torch
+
+    from tests.conftest import make_tiny_unetr
+
+    tmp = tmp_path_factory.mktemp("tuned")
+    root = write_official_dataset(tmp / "toy")
+    source = tmp / "source.pt"
+    torch.save({"model": make_tiny_unetr(seed=7).state_dict(), "config": {"seed": 7}}, source)
+    out = tmp / "out"
+    result = run_compare(tmp, "--methods", "decoder_only", "tcurlora", "--seeds", "0", "1", "--tune-seeds", "0",
+                         "--adapter-lrs", "0", "0.05", "--no-ablation", "--out", str(out), "--", *tiny_overrides(root),
+                         f"model.pretrained={source}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_tuning_runs_the_grid_on_the_tuning_seeds_then_each_method_at_its_choice(tuned):
+    out, result = tuned
+    rows = read_csv(out / "comparison.csv")
+    runs = sorted((r["method"], r["seed"], r["adapter_lr"], r["selected"]) for r in rows if r["method"] != "zero_shot")
+    tune = {float(r["adapter_lr"]): float(r["val_dice"]) for r in rows if r["method"] == "tcurlora" and r["seed"] == "0"}
+    best = 0.0 if tune[0.0] >= tune[0.05] else 0.05  # ties: the grid's first
+    assert runs == sorted([("decoder_only", "0", "", "True"), ("decoder_only", "1", "", "True"),
+                           ("tcurlora", "0", "0.0", str(best == 0.0)), ("tcurlora", "0", "0.05", str(best == 0.05)),
+                           ("tcurlora", "1", str(best), "True")])
+    assert f"tcurlora {best:g}" in result.stdout  # the choice is printed
+    assert (out / "tuning.png").is_file() and json.loads((out / "tuning.json").read_text())["tune_seeds"] == [0]
+    # the zero-shot row: the tiny source model on the test split, as every run of the seed evaluated it
+    zero = {r["seed"]: float(r["dice"]) for r in rows if r["method"] == "zero_shot"}
+    before = json.loads((Path(next(r for r in rows if r["seed"] == "1" and r["run_dir"])["run_dir"]) / "eval_pretrained"
+                         / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert set(zero) == {"0", "1"} and zero["1"] == pytest.approx(before)
+
+
+def test_adapter_lr_tuning_needs_validation_cases(tmp_path):
+    result = run_compare(tmp_path, "--adapter-lrs", "--experiment", "eadc", "--", "data.root=nowhere")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "data.split.val" in result.stderr
+
 
 def test_collect_only_rereads_the_runs_without_training(swept):
     out, _ = swept
@@ -130,10 +183,11 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     table = compare.markdown([lora, tcur], ["method"])
     lora_row, tcur_row = table_rows(table)
     # no decoder-only runs to pair with: the paired columns are empty
-    assert lora_row == ["lora", "7.000", "28.00", "82.00 ± 2.83", "–", "–", "4.00 ± 1.41", "11.00 ± 1.41",
+    # no lrs in these rows (runs from before optim.adapter_lr): "–"
+    assert lora_row == ["lora", "–", "–", "7.000", "28.00", "82.00 ± 2.83", "–", "–", "–", "4.00 ± 1.41", "11.00 ± 1.41",
                         "0.600 ± 0.141", "1,000 ± 141", "2"]
     # the cut-off run still measured its step time; n counts the evaluated run only
-    assert tcur_row[3:9] == ["85.00", "–", "–", "–", "2.00", "0.400"] and tcur_row[-1] == "1"
+    assert tcur_row[5:12] == ["85.00", "–", "–", "–", "–", "2.00", "0.400"] and tcur_row[-1] == "1"
 
 
 def test_ablation_groups_sweep_is_a_hydra_list_sweep():
@@ -158,16 +212,66 @@ def test_ablation_is_one_factor_at_a_time_unless_grid():
     assert list(grid) == ["grid"] and "peft.rank=1,8" in grid["grid"] and "peft.groups=[attn],[attn,mlp_up,mlp_down]" in grid["grid"]
 
 
-def fake_run(run: Path, method: str, dice: float, seed: int = 0, peft: dict | None = None) -> None:
+def fake_run(run: Path, method: str, dice: float, seed: int = 0, peft: dict | None = None, optim: dict | None = None,
+             val: float | None = None, zero_shot: float | None = None) -> None:
     """A finished run folder with the files compare.py reads."""
     import yaml
 
     (run / "eval").mkdir(parents=True)
     (run / "checkpoints").mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "peft": {"name": method, **(peft or {})}}))
+    config = {"seed": seed, "peft": {"name": method, **(peft or {})}, "optim": {"lr": 1e-3, "adapter_lr": None, **(optim or {})}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     (run / "eval" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": dice, "HD95": 5.0}}))
-    (run / "train_stats.json").write_text(json.dumps({"trainable": 10, "step_time_s": 1.0, "peak_memory_mb": 9.0}))
+    if zero_shot is not None:
+        (run / "eval_pretrained").mkdir()
+        (run / "eval_pretrained" / "summary.json").write_text(json.dumps({"foreground_mean": {"Dice": zero_shot, "HD95": 50.0}}))
+    stats = {"trainable": 10, "step_time_s": 1.0, "peak_memory_mb": 9.0, "best_val_dice": val}
+    (run / "train_stats.json").write_text(json.dumps(stats))
     (run / "checkpoints" / "best.pt").write_bytes(b"x" * 1024)
+
+
+def test_each_method_runs_at_the_lr_with_the_best_validation_dice_never_the_best_test_dice(tmp_path):
+    """Selection by mean validation Dice over the tuning seeds (the seeds run at several lrs); ties go to the first
+    lr of the grid; test Dice plays no part; the final seeds at the chosen lr only join the table."""
+    grid = [1e-2, 1e-3]  # not ascending: the grid's order breaks ties
+    (tmp_path / "tuning.json").write_text(json.dumps({"adapter_lrs": grid, "lrs": [], "tune_seeds": [0, 1]}))
+    runs = [  # method, seed, adapter lr, validation Dice, test Dice
+        ("lora", 0, 1e-3, 70.0, 50.0), ("lora", 1, 1e-3, 72.0, 50.0), ("lora", 0, 1e-2, 75.0, 40.0), ("lora", 1, 1e-2, 69.0, 40.0),
+        ("lora", 2, 1e-2, None, 41.0),  # a final seed at the chosen lr: no say in the choice
+        ("tcurlora", 0, 1e-3, 60.0, 90.0), ("tcurlora", 0, 1e-2, 60.0, 10.0),  # a tie: the grid's first, 1e-2
+        ("decoder_only", 0, None, 65.0, 55.0), ("decoder_only", 1, None, 66.0, 56.0), ("decoder_only", 2, None, 64.0, 57.0),
+    ]
+    for i, (method, seed, lr, val, dice) in enumerate(runs):
+        fake_run(tmp_path / "runs" / f"{i}_{method}", method, dice, seed, optim={"adapter_lr": lr}, val=val, zero_shot=30.0 + seed)
+    compare.report(tmp_path)
+    rows = read_csv(tmp_path / "comparison.csv")
+    chosen = {(r["method"], r["seed"], r["adapter_lr"]) for r in rows if r["selected"] == "True"}
+    assert {c for c in chosen if c[0] == "lora"} == {("lora", "0", "0.01"), ("lora", "1", "0.01"), ("lora", "2", "0.01")}
+    assert {c for c in chosen if c[0] == "tcurlora"} == {("tcurlora", "0", "0.01")}
+    assert float(next(r for r in rows if r["method"] == "lora" and r["seed"] == "0" and r["adapter_lr"] == "0.001")["val_dice"]) == 70.0
+    table = {row[0]: row for row in table_rows((tmp_path / "comparison.md").read_text())}
+    header = [c.strip() for c in (tmp_path / "comparison.md").read_text().splitlines()[0].strip("|").split("|")]
+    lora = dict(zip(header, table["lora"]))
+    assert lora["adapter lr"] == "0.01" and lora["Dice %"] == "40.33 ± 0.58" and lora["n seeds"] == "3"
+    assert dict(zip(header, table["decoder_only"]))["adapter lr"] == "–"
+    assert (tmp_path / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_zero_shot_row_is_in_every_table_and_each_method_is_paired_with_it(tmp_path):
+    for seed, (zero, ref, tcur) in enumerate([(80.0, 60.0, 62.0), (81.0, 70.0, 69.0)]):
+        fake_run(tmp_path / "runs" / f"{seed}_decoder_only", "decoder_only", ref, seed, zero_shot=zero)
+        fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", tcur, seed, {"rank": 8, "groups": ["attn"]}, zero_shot=zero)
+    compare.report(tmp_path)
+    rows = read_csv(tmp_path / "comparison.csv")
+    zero = [r for r in rows if r["method"] == "zero_shot"]
+    assert [(r["seed"], float(r["dice"]), float(r["hd95"])) for r in zero] == [("0", 80.0, 50.0), ("1", 81.0, 50.0)]
+    tcur = {r["seed"]: float(r[compare.VS_ZERO_SHOT]) for r in rows if r["method"] == "tcurlora"}
+    assert tcur == {"0": -18.0, "1": -12.0}  # below the untouched model: shown so
+    header = [c.strip() for c in (tmp_path / "comparison.md").read_text().splitlines()[0].strip("|").split("|")]
+    table = {row[0]: dict(zip(header, row)) for row in table_rows((tmp_path / "comparison.md").read_text())}
+    assert list(table)[0] == "zero_shot" and table["zero_shot"]["Dice %"] == "80.50 ± 0.71"
+    assert table["tcurlora"]["Δ Dice vs zero-shot"] == "-15.00 ± 4.24"
+    assert table["zero_shot"]["Δ Dice vs decoder-only"] == "+15.50 ± 6.36"  # decoder-only is 15.5 points below it
 
 
 def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
@@ -263,7 +367,7 @@ def test_parallel_failed_run_names_its_sweep_and_the_others_finish(tmp_path):
     out = tmp_path / "out"
     # a rank wider than the tiny ViT (hidden 48) fails for tCURLoRA only
     result = run_compare(tmp_path, "--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0",
-                         "--ranks", "64", "--groups", "all", "--out", str(out), "--", *tiny_overrides(root))
+                         "--ranks", "64", "--groups", "all", "--no-attribution", "--out", str(out), "--", *tiny_overrides(root))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: sweeps failed: ablation/rank")
     assert "FAILED (exit 2" in result.stdout
@@ -302,8 +406,9 @@ def test_no_comparison_runs_only_the_ablation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(compare, "run_parallel", fake_parallel)
     compare.main(["--no-comparison", "--jobs", "2", "--seeds", "0", "--out", str(tmp_path)])
-    assert list(seen) == ["ablation/rank", "ablation/groups"]
-    assert all("peft=tcurlora" in overrides for overrides in seen.values())
+    assert list(seen) == ["ablation/rank", "ablation/groups", *(f"attribution/{name}" for name in compare.ATTRIBUTION)]
+    assert all("peft=tcurlora" in overrides for name, overrides in seen.items() if name.startswith("ablation/"))
+    assert "peft.train_extra=[encoder1,encoder2,encoder3,encoder4]" in seen["attribution/tcurlora+skip_encoders"]
 
 
 def test_nothing_to_run_is_one_line_error(tmp_path):

@@ -59,7 +59,12 @@ def test_training_writes_a_complete_run_folder_and_evaluates(tmp_path, official_
         # the protocol of trainer.eval_*: softmax of the last 2 epochs, components under 1 mm³ removed, before and after
         assert (summary["evaluation"]["average_last"], summary["evaluation"]["min_component_mm3"]) == (average_last, 1.0)
     assert len(list((run / "eval" / "predictions").glob("*.nii.gz"))) == 2
-    assert "before fine-tuning" in result.stdout
+    table = result.stdout[result.stdout.index("before (zero-shot)"):].splitlines()  # before | after | change
+    before, after = (json.loads((run / f / "summary.json").read_text())["foreground_mean"] for f in ("eval_pretrained", "eval"))
+    for line, key in zip(table[1:3], ("Dice", "HD95")):
+        numbers = [float(v) for v in line.split()[-3:]]
+        assert line.startswith(key) and numbers[:2] == [round(before[key], 2), round(after[key], 2)]
+        assert numbers[2] == pytest.approx(after[key] - before[key], abs=0.011)
     names = {p.name for p in (run / "checkpoints").iterdir()}
     assert {"last.pt", "best.pt", "epoch_0001.pt", "epoch_0002.pt"} <= names
     assert (run / "split.json").is_file() and list((run / "tensorboard").glob("events.*"))
@@ -90,7 +95,7 @@ def test_every_method_of_a_seed_trains_on_the_same_data_stream(tmp_path, officia
 
 
 def test_ctrl_c_saves_and_resume_continues_to_the_last_epoch(tmp_path, official_dataset):
-    args = tiny_run(official_dataset, "trainer.max_epochs=40", "trainer.val_interval=100")
+    args = tiny_run(official_dataset, "trainer.max_epochs=40", "trainer.val_interval=100", "optim.adapter_lr=5e-2")
     process = train(tmp_path, *args, wait=False)
     deadline = time.time() + 300
     while not list((tmp_path / "outputs").glob("**/checkpoints/last.pt")):
@@ -110,6 +115,12 @@ def test_ctrl_c_saves_and_resume_continues_to_the_last_epoch(tmp_path, official_
     assert f"resuming at epoch {stopped + 1} of 40" in resumed.stderr + resumed.stdout
     final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert final["epoch"] == 40 and final["iteration"] == 80
+    # both optimizer groups came through the resume: the decoder at optim.lr, tCURLoRA's U at optim.adapter_lr
+    groups = final["optimizer"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 5e-2] and len(groups[1]["params"]) == 3  # attn, mlp_up, mlp_down
+    stats = json.loads((run / "train_stats.json").read_text())
+    assert (stats["lr"], stats["adapter_lr"], stats["adapter_weight_decay"]) == (1e-3, 5e-2, 1e-5)
+    assert stats["adapter_trainable"] == 2 * 2 * (48 + 12 + 12)  # U of rank 2 per tensor: r² · n3
     assert only_run(tmp_path) == run  # no second run folder
 
 
@@ -141,3 +152,18 @@ def test_shape_mismatched_checkpoint_exits_2(tmp_path, official_dataset):
     assert result.returncode == 2
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "wrong.pth" in error[0] and "hidden_size" in error[0]
+
+
+def test_zero_adapter_lr_exports_the_pretrained_vit_bit_for_bit(tmp_path, official_dataset):
+    """optim.adapter_lr=0: U never moves, so the merged export's ViT is the source model's, while the decoder trained."""
+    from tests.conftest import make_tiny_unetr
+
+    source = make_tiny_unetr(seed=7).state_dict()
+    torch.save({"model": source, "config": {"seed": 7}}, tmp_path / "source.pt")
+    result = train(tmp_path, *tiny_run(official_dataset, f"model.pretrained={tmp_path / 'source.pt'}", "optim.adapter_lr=0",
+                                       f"export_model={tmp_path / 'merged.pt'}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged = torch.load(tmp_path / "merged.pt", weights_only=True)["model"]
+    vit = [k for k in source if k.startswith("vit.")]
+    assert vit and all(torch.equal(merged[k], source[k]) for k in vit)
+    assert not torch.equal(merged["decoder2.transp_conv.conv.weight"], source["decoder2.transp_conv.conv.weight"])

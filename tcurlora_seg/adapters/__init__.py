@@ -14,12 +14,13 @@ Methods (``peft=NAME``; defaults and trainable-count formulas in each module's d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .base import AdapterLayer, base_fingerprint, count_trainable, parameter_digests
+from .base import AdapterLayer, base_fingerprint, count_trainable, parameter_digests, trainable_groups, unfreeze
 from .curlora import CURLoRAConfig, apply_curlora
 from .full import DecoderOnlyConfig, FullConfig, apply_decoder_only, apply_full
 from .hf_peft import peft_layers
@@ -39,6 +40,7 @@ __all__ = [
     "adapter_layers",
     "merged_state_dict",
     "count_trainable",
+    "trainable_groups",
     "TCURLoRAConfig",
     "FullConfig",
     "DecoderOnlyConfig",
@@ -74,8 +76,13 @@ _SAVED_BUFFERS = _INDEX_BUFFERS + _INIT_BUFFERS
 _RESTORE_INIT: dict[str, Callable[[nn.Module, dict], None]] = {"pissa": restore_pissa_init, "lora_pt": restore_lora_pt_init}
 
 
-def apply_adapter(model: nn.Module, name: str, **options) -> nn.Module:
-    """Adapt ``model`` in place with the method ``name`` and return it. Raises ValueError for a bad name or option."""
+def apply_adapter(model: nn.Module, name: str, *, train_extra: Sequence[str] = (), **options) -> nn.Module:
+    """Adapt ``model`` in place with the method ``name`` and return it. Raises ValueError for a bad name or option.
+
+    ``train_extra``: modules of the model (``encoder1``, ``vit.patch_embedding``, ``vit.blocks``, ...) that train fully
+    on top of the method, as the decoder does (and at its lr): to find out which frozen part a gap to full fine-tuning
+    comes from. Recorded in the options, so the adapter file carries them and loading unfreezes them again.
+    """
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError(f"model already has adapter '{model.adapter_config['name']}'; build a fresh model to apply another")
     if name not in ADAPTERS:
@@ -86,6 +93,8 @@ def apply_adapter(model: nn.Module, name: str, **options) -> nn.Module:
         resolved = ADAPTERS[name](model, **options)
     except TypeError as err:  # an option the method does not have
         raise ValueError(f"adapter '{name}': {err}") from err
+    if train_extra:
+        resolved = {**resolved, "train_extra": unfreeze(model, train_extra)}
     model.adapter_config = {"name": name, "options": resolved, "base_fingerprint": base_fingerprint(model, pretrained)}
     return model
 

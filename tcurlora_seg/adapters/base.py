@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,8 @@ __all__ = [
     "parameter_digests",
     "base_fingerprint",
     "count_trainable",
+    "trainable_groups",
+    "unfreeze",
     "check_rank",
     "check_choices",
     "options_dict",
@@ -144,6 +147,37 @@ def base_fingerprint(model: nn.Module, pretrained: dict[str, bytes] | None = Non
             current = parameter_digests(model)
         digest.update(known[name] if name in known else current[name])
     return digest.hexdigest()
+
+
+def unfreeze(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Make the modules ``names`` (top-level or dotted, e.g. ``encoder1``, ``vit.patch_embedding``) train fully."""
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            tops = [n for n, _ in model.named_children()]
+            raise ValueError(f"peft.train_extra: {type(model).__name__} has no module {name!r}; name modules such as "
+                             f"{', '.join(tops)} or dotted ones (vit.patch_embedding, vit.blocks)") from None
+        module.requires_grad_(True)
+    return names
+
+
+def trainable_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(the method's own tensors, the head's) among the trainable parameters, for two optimizer groups.
+
+    The head is ``decoder2..5`` and ``out``, which every method trains alike, and the modules of ``train_extra``; the
+    method's own tensors are every other trainable parameter: tCURLoRA's / CURLoRA's U, peft's LoRA / DoRA / LoHa /
+    LoKr factors, LoRA-PT's factors and, under full fine-tuning, everything the other methods freeze (ViT, patch
+    embedding, encoder1..4). Decided by module, not by parameter name, so a new method needs no entry here. ``model``
+    may be wrapped (DDP: ``.module``).
+    """
+    base = getattr(model, "module", model)
+    extra = (getattr(base, "adapter_config", None) or {}).get("options", {}).get("train_extra", [])
+    head = {id(p) for name in DECODER + ("out",) if hasattr(base, name) for p in getattr(base, name).parameters()}
+    head |= {id(p) for name in extra for p in base.get_submodule(name).parameters()}
+    trainable = [p for p in base.parameters() if p.requires_grad]
+    return [p for p in trainable if id(p) not in head], [p for p in trainable if id(p) in head]
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -1,14 +1,19 @@
 """Embedded offline demo cohort built from the real MNI152 2009 anatomy that ships inside nilearn.
 
-Two tasks, each written in the official layout (``sub{i}/sub{i}_img.nii.gz``, ``sub{i}_mask.nii.gz``,
+Four tasks, each written in the official layout (``sub{i}/sub{i}_img.nii.gz``, ``sub{i}_mask.nii.gz``,
 ``train.txt`` / ``valid.txt`` / ``test.txt``) so that the demo goes through the real loader:
 
 - ``source/``: a BraTS-like lesion task for pretraining (bright, ring-enhancing blobs inserted into the white matter);
-- ``target/``: a different, tissue-structure task for fine-tuning with 5 training cases (the hippocampal grey matter,
-  carved from the GM probability map inside two ellipsoids around MNI (±28, −22, −14), as in EADC-ADNI / LPBA40);
+- ``ventricles/``: the default target, a different anatomical structure for fine-tuning with 5 training cases (the
+  lateral and third ventricles: CSF more than 8 mm inside the brain within an ellipsoid around them), which the
+  source model does not segment at all and a fine-tuned one can learn from the image (dark CSF inside white matter);
+- ``hippocampus/``: the paper's structure (the hippocampal grey matter, carved from the GM probability map inside two
+  ellipsoids around MNI (±28, −22, −14), as in EADC-ADNI / LPBA40); its border within the grey matter is a geometric
+  cut, not an edge in the image, so a few hundred steps learn it only in part;
 - ``flair/``: a second tumour cohort for fine-tuning with 5 training cases, as the paper's UPENN-GBM: another
-  contrast (FLAIR-like: grey matter brighter than white matter, CSF dark) and another label (whole tumour: a bright
-  core with its oedema), so the source model's features help but do not fit as they are.
+  contrast (FLAIR-like: grey matter brighter than white matter, CSF dark) and another label (the tumour core, without
+  the wide oedema around it that the source model would also mark), so the source model's features help but its
+  masks do not fit.
 
 Every subject is the template under a random smooth deformation (small affine + coarse displacement field), with a
 gamma change, a multiplicative bias field and noise inside the brain; the background stays exactly 0 (skull-stripped,
@@ -24,6 +29,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -36,19 +42,26 @@ from tcurlora_seg.errors import UserError
 __all__ = ["DEMO_VERSION", "DEMO_SHAPE", "DEMO_TASKS", "build_demo", "demo_is_built"]
 
 # Bump whenever the generator changes: a cache with another version is rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_SHAPE = (96, 112, 96)
 MANIFEST = "demo.json"
 # name -> (task code for seeding, train, val, test). A task added later is built into an existing cache of the same
 # version and seed without touching the others (and the source model cached beside them).
 DEMO_TASKS: dict[str, tuple[int, int, int, int]] = {
-    "source": (1, 16, 4, 0), "target": (2, 5, 3, 10), "flair": (3, 5, 3, 10)}
+    "source": (1, 16, 4, 0), "necrosis": (5, 5, 3, 10), "ventricles": (4, 5, 3, 10), "hippocampus": (2, 5, 3, 10), "flair": (3, 5, 3, 10)}
 # The 2 mm template is 99×117×95 with the brain in x 13..85, y 14..103, z 0..77: crop x and y, pad z at the top.
 _CROP = ((1, 97), (3, 115), (0, 95))
 _PAD_Z = 1
 # Hippocampus centres (MNI mm) and ellipsoid radii (mm) of the region carved from the GM map.
 _HIPPO_CENTRES = ((28.0, -22.0, -14.0), (-28.0, -22.0, -14.0))
 _HIPPO_RADII = (7.0, 17.0, 9.0)
+# Ventricles: CSF (1 - GM - WM > 0.5) deeper than _VENTRICLE_DEPTH_MM inside the brain, within an ellipsoid (MNI mm)
+# that holds the lateral and third ventricles and none of the sulcal CSF or the basal cisterns.
+_VENTRICLE_CENTRE = (0.0, -8.0, 12.0)
+_VENTRICLE_RADII = (28.0, 42.0, 22.0)
+_VENTRICLE_DEPTH_MM = 8.0
+# FLAIR tumours: the oedema reaches this many core radii from the centre
+_OEDEMA_REACH = 2.1
 
 
 def _nilearn_data_dir() -> Path:
@@ -99,13 +112,40 @@ def _load_atlas() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _hippocampal_region(gm: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Float mask (0/1) of the GM inside two ellipsoids around the hippocampi, in template space."""
-    ijk = np.indices(gm.shape, dtype=np.float32).reshape(3, -1)
-    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *gm.shape)  # (3, X, Y, Z) in mm
+    xyz = _mni_coordinates(gm.shape, affine)
     inside = np.zeros(gm.shape, dtype=bool)
     for centre in _HIPPO_CENTRES:
-        d2 = sum(((xyz[a] - centre[a]) / _HIPPO_RADII[a]) ** 2 for a in range(3))
-        inside |= d2 <= 1.0
+        inside |= _in_ellipsoid(xyz, centre, _HIPPO_RADII)
     return (inside & (gm > 0.45)).astype(np.float32)
+
+
+def _mni_coordinates(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """(3, X, Y, Z) MNI coordinates in mm of every voxel of the template grid."""
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    return (affine[:3, :3] @ ijk + affine[:3, 3:4]).reshape(3, *shape)
+
+
+def _in_ellipsoid(xyz: np.ndarray, centre: tuple[float, ...], radii: tuple[float, ...]) -> np.ndarray:
+    return sum(((xyz[a] - centre[a]) / radii[a]) ** 2 for a in range(3)) <= 1.0
+
+
+def _ventricles(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Float mask (0/1) of the lateral and third ventricles in template space (about 2,000 voxels at 2 mm).
+
+    nilearn ships no CSF map: CSF = 1 - GM - WM inside the brain. The ventricles are the CSF deep inside the brain
+    (the sulcal CSF lies within a few mm of its surface) in a box around the midline; specks under 100 voxels
+    (partial-volume CSF between the caudate and the thalamus) are dropped.
+    """
+    from scipy import ndimage
+
+    brain = t1 > 0.02
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * brain
+    depth = ndimage.distance_transform_edt(brain) * float(abs(affine[0, 0]))  # mm from the brain's surface
+    region = (csf > 0.5) & (depth > _VENTRICLE_DEPTH_MM)
+    region &= _in_ellipsoid(_mni_coordinates(t1.shape, affine), _VENTRICLE_CENTRE, _VENTRICLE_RADII)
+    parts, n = ndimage.label(region)
+    sizes = ndimage.sum(region, parts, range(1, n + 1))
+    return np.isin(parts, 1 + np.flatnonzero(sizes >= 100)).astype(np.float32)
 
 
 def _smooth_field(rng: np.random.Generator, coarse: tuple[int, int, int], scale: float) -> torch.Tensor:
@@ -149,16 +189,16 @@ def _warp(maps: np.ndarray, grid: torch.Tensor) -> np.ndarray:
 
 
 def _lesion_distances(
-    rng: np.random.Generator, shape: tuple[int, ...], wm: np.ndarray, reach: float
+    rng: np.random.Generator, shape: tuple[int, ...], wm: np.ndarray, radii_vox: tuple[float, float], reach: float
 ) -> list[tuple[tuple[slice, ...], np.ndarray]]:
     """1-2 lesion sites centred in the white matter: per lesion its bounding box and the normalised distance from
-    its centre inside the box (1 at the lesion border, an irregular ellipsoid 6-14 mm across); ``reach`` is the
-    largest distance the caller paints, which sizes the box."""
+    its centre inside the box (1 at the lesion border, an irregular ellipsoid with radii drawn from ``radii_vox``
+    voxels per axis); ``reach`` is the largest distance the caller paints, which sizes the box."""
     candidates = np.argwhere(wm > 0.9)
     lesions = []
     for _ in range(int(rng.integers(1, 3))):
         centre = candidates[rng.integers(len(candidates))]
-        radii = rng.uniform(3.0, 7.0, size=3)  # voxels: 6-14 mm, like small gliomas
+        radii = rng.uniform(*radii_vox, size=3)
         # the wobble below can push the border out by ~15 %
         half = np.ceil(radii * reach * 1.3).astype(int)
         lo = np.maximum(centre - half, 0)
@@ -169,32 +209,38 @@ def _lesion_distances(
     return lesions
 
 
-def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """Insert 1-2 ring-enhancing lesions (as in T1ce) centred in the white matter; return the lesion mask."""
-    mask = np.zeros(image.shape, dtype=bool)
+def _insert_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray, radii_vox: tuple[float, float] = (4.0, 8.0),
+                    core_reach: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    """Insert 1-2 ring-enhancing lesions (as in T1ce) centred in the white matter: a bright rim around a dark necrotic
+    core that reaches ``core_reach`` of the radius; return the masks of the whole lesions and of their cores."""
+    whole = np.zeros(image.shape, dtype=bool)
+    core = np.zeros(image.shape, dtype=bool)
     wm_level = float(np.median(image[wm > 0.9]))
-    for box, d in _lesion_distances(rng, image.shape, wm, reach=1.0):
+    for box, d in _lesion_distances(rng, image.shape, wm, radii_vox, reach=1.0):
         blob = d <= 1.0
-        ring = blob & (d > 0.6)
-        core = blob & ~ring
-        image[box][ring] = wm_level * rng.uniform(1.5, 1.8)
-        image[box][core] = wm_level * rng.uniform(0.35, 0.55)
-        mask[box] |= blob
-    return mask
+        inner = d <= core_reach
+        image[box][blob & ~inner] = wm_level * rng.uniform(1.5, 1.8)
+        image[box][inner] = wm_level * rng.uniform(0.35, 0.55)
+        whole[box] |= blob
+        core[box] |= inner
+    return whole, core
 
 
-def _insert_flair_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> np.ndarray:
-    """Insert 1-2 FLAIR-like tumours into the white matter: a bright core inside a fainter rim of oedema (above grey
-    matter); return the whole-tumour mask (core and oedema, as BraTS' whole tumour)."""
-    mask = np.zeros(image.shape, dtype=bool)
+def _insert_flair_lesions(rng: np.random.Generator, image: np.ndarray, wm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Insert 1-2 FLAIR-like tumours into the white matter: a dark necrotic core (radii 7-13 mm; FLAIR suppresses its
+    fluid as it does CSF's) inside a bright oedema reaching _OEDEMA_REACH times as far; return the masks of the whole
+    tumours and of their cores."""
+    whole = np.zeros(image.shape, dtype=bool)
+    core = np.zeros(image.shape, dtype=bool)
     level = float(np.median(image[wm > 0.9]))
-    for box, d in _lesion_distances(rng, image.shape, wm, reach=1.6):
-        core = d <= 1.0
-        oedema = (d > 1.0) & (d <= 1.6)
-        image[box][oedema] = np.maximum(image[box][oedema], level * rng.uniform(1.7, 1.9))
-        image[box][core] = level * rng.uniform(2.2, 2.5)
-        mask[box] |= core | oedema
-    return mask
+    for box, d in _lesion_distances(rng, image.shape, wm, (3.5, 6.5), reach=_OEDEMA_REACH):
+        inner = d <= 1.0
+        oedema = (d > 1.0) & (d <= _OEDEMA_REACH)
+        image[box][oedema] = level * rng.uniform(1.7, 1.9)
+        image[box][inner] = level * rng.uniform(0.5, 0.65)
+        whole[box] |= inner | oedema
+        core[box] |= inner
+    return whole, core
 
 
 def _flair_contrast(gm: np.ndarray, wm: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -209,21 +255,30 @@ def _wobble(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)[0, 0].numpy()
 
 
-def _make_subject(
-    rng: np.random.Generator, atlas: tuple[np.ndarray, ...], task: str
-) -> tuple[np.ndarray, np.ndarray]:
+def atlas_maps() -> dict[str, np.ndarray]:
+    """The template maps every task warps (T1, GM, WM and the two structure masks), and the grid's affine."""
+    t1, gm, wm, affine = _load_atlas()
+    return {"t1": t1, "gm": gm, "wm": wm, "hippocampus": _hippocampal_region(gm, affine),
+            "ventricles": _ventricles(t1, gm, wm, affine), "affine": affine}
+
+
+# warp only what a task needs: the T1 and the WM map (lesion sites), the structure mask, or the tissue maps
+_TASK_MAPS = {"source": ("t1", "wm"), "necrosis": ("t1", "wm"), "ventricles": ("t1", "ventricles"), "hippocampus": ("t1", "hippocampus"),
+              "flair": ("t1", "wm", "gm")}
+
+
+def _make_subject(rng: np.random.Generator, atlas: dict[str, np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
     """One subject: (int16 image, uint8 label) on the demo grid."""
-    t1, gm, wm, hippo = atlas
-    # warp only what the task needs: the T1 and the WM map (lesion sites), the structure mask, or all tissue maps
-    maps = {"source": (t1, wm), "target": (t1, hippo), "flair": (t1, wm, gm)}[task]
-    warped = _warp(np.stack(maps), _random_grid(rng))
+    warped = _warp(np.stack([atlas[name] for name in _TASK_MAPS[task]]), _random_grid(rng))
     brain = warped[0] > 0.02
     image = np.where(brain, warped[0], 0.0).astype(np.float32)
-    if task == "source":
-        label = _insert_lesions(rng, image, warped[1])
+    if task == "source":  # lesions 8-16 mm in radius, label = whole lesion (BraTS' whole tumour)
+        label = _insert_lesions(rng, image, warped[1])[0]
+    elif task == "necrosis":  # larger lesions (12-20 mm), label = the necrotic core only, an eighth of the volume
+        label = _insert_lesions(rng, image, warped[1], (6.0, 10.0), core_reach=0.5)[1]
     elif task == "flair":
         image = _flair_contrast(warped[2], warped[1], brain)
-        label = _insert_flair_lesions(rng, image, warped[1])
+        label = _insert_flair_lesions(rng, image, warped[1])[1]
     else:
         label = warped[1] >= 0.5
     label &= brain
@@ -236,14 +291,14 @@ def _make_subject(
     return np.round(image).astype(np.int16), label.astype(np.uint8)
 
 
-def _write_task(folder: Path, task: str, seed: int, atlas: tuple[np.ndarray, ...], affine: np.ndarray) -> None:
+def _write_task(folder: Path, task: str, seed: int, atlas: dict[str, np.ndarray]) -> None:
     code, n_train, n_val, n_test = DEMO_TASKS[task]
     ids = [f"sub{i}" for i in range(1, n_train + n_val + n_test + 1)]
     for i, sid in enumerate(ids, start=1):
         image, label = _make_subject(np.random.default_rng([seed, code, i]), atlas, task)
         (folder / sid).mkdir(parents=True)
         for arr, suffix in ((image, "img"), (label, "mask")):
-            img = nib.Nifti1Image(arr, affine)
+            img = nib.Nifti1Image(arr, atlas["affine"])
             img.header.set_xyzt_units("mm", "sec")
             nib.save(img, folder / sid / f"{sid}_{suffix}.nii.gz")
     lists = {"train.txt": ids[:n_train], "valid.txt": ids[n_train : n_train + n_val], "test.txt": ids[n_train + n_val :]}
@@ -251,14 +306,14 @@ def _write_task(folder: Path, task: str, seed: int, atlas: tuple[np.ndarray, ...
         (folder / name).write_text("".join(f"{sid}\n" for sid in part))
 
 
-def _manifest(seed: int) -> dict:
+def _manifest(seed: int, tasks: set[str]) -> dict:
     return {
         "generator": "tcurlora_seg.data.demo",
         "version": DEMO_VERSION,
         "seed": seed,
         "shape": list(DEMO_SHAPE),
         "spacing_mm": [2.0, 2.0, 2.0],
-        "tasks": {name: dict(zip(("train", "val", "test"), spec[1:])) for name, spec in DEMO_TASKS.items()},
+        "tasks": {name: dict(zip(("train", "val", "test"), spec[1:])) for name, spec in DEMO_TASKS.items() if name in tasks},
     }
 
 
@@ -280,35 +335,46 @@ def _built_tasks(root: Path, seed: int) -> set[str]:
     return {task for task in found.get("tasks", {}) if task in DEMO_TASKS and (root / task).is_dir()}
 
 
-def demo_is_built(root: str | Path, seed: int = 0) -> bool:
-    """True when ``root`` holds every demo task of this generator version and seed."""
-    return _built_tasks(Path(root), seed) == set(DEMO_TASKS)
+def _wanted(tasks: Iterable[str] | None) -> set[str]:
+    wanted = set(DEMO_TASKS) if tasks is None else set(tasks)
+    unknown = sorted(wanted - set(DEMO_TASKS))
+    if unknown:
+        raise UserError(f"data.demo.task={unknown[0]!r}: not a demo task; choose one of {', '.join(DEMO_TASKS)}")
+    return wanted
 
 
-def build_demo(root: str | Path, seed: int = 0, force: bool = False) -> Path:
-    """Build the demo cohort into ``root`` (``root/<task>`` for each of DEMO_TASKS) unless an up-to-date one is there.
+def demo_is_built(root: str | Path, seed: int = 0, tasks: Iterable[str] | None = None) -> bool:
+    """True when ``root`` holds ``tasks`` (default: every demo task) of this generator version and seed."""
+    return _wanted(tasks) <= _built_tasks(Path(root), seed)
+
+
+def build_demo(root: str | Path, seed: int = 0, force: bool = False, tasks: Iterable[str] | None = None) -> Path:
+    """Build ``tasks`` of the demo cohort (default: all of DEMO_TASKS) into ``root/<task>`` unless they are there.
 
     Each piece is written into a temporary folder and moved into place at the end, so an interrupted build never
-    looks complete. A cache of this version and seed that lacks a task (one added later) gets just that task; any
-    other existing ``root`` is replaced only when it is an older demo (it has the manifest) or empty.
+    looks complete. A cache of this version and seed that lacks a task (one asked for later, or added to the
+    generator later) gets just that task; any other existing ``root`` (another generator version or seed, with
+    whatever it holds, such as a source model pretrained on its data) is replaced only when it is an older demo (it
+    has the manifest) or empty.
     """
     root = Path(root)
+    wanted = _wanted(tasks)
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise UserError(f"{root}: not empty and not a demo cache; choose another data.root for the demo or empty it")
     kept = set() if force else _built_tasks(root, seed)
-    if kept == set(DEMO_TASKS):
+    if wanted <= kept:
         return root
-    t1, gm, wm, affine = _load_atlas()
-    atlas = (t1, gm, wm, _hippocampal_region(gm, affine))
+    atlas = atlas_maps()
     if kept:
-        _add_tasks(root, [task for task in DEMO_TASKS if task not in kept], seed, atlas, affine)
+        _add_tasks(root, [task for task in DEMO_TASKS if task in wanted - kept], seed, atlas, kept)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         for task in DEMO_TASKS:
-            _write_task(tmp / task, task, seed, atlas, affine)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed), indent=2) + "\n")
+            if task in wanted:
+                _write_task(tmp / task, task, seed, atlas)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed, wanted), indent=2) + "\n")
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)
@@ -318,16 +384,16 @@ def build_demo(root: str | Path, seed: int = 0, force: bool = False) -> Path:
     return root
 
 
-def _add_tasks(root: Path, tasks: list[str], seed: int, atlas: tuple[np.ndarray, ...], affine: np.ndarray) -> None:
+def _add_tasks(root: Path, tasks: list[str], seed: int, atlas: dict[str, np.ndarray], kept: set[str]) -> None:
     """Write ``tasks`` into an existing cache, then the manifest that lists them (replaced atomically, last)."""
     tmp = Path(tempfile.mkdtemp(prefix=".add-", dir=root))
     try:
         for task in tasks:
-            _write_task(tmp / task, task, seed, atlas, affine)
+            _write_task(tmp / task, task, seed, atlas)
             if (root / task).exists():  # a leftover that the manifest does not list
                 shutil.rmtree(root / task)
             (tmp / task).rename(root / task)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed), indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed, kept | set(tasks)), indent=2) + "\n")
         (tmp / MANIFEST).replace(root / MANIFEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

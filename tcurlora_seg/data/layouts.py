@@ -142,7 +142,7 @@ def _ensure_demo(cfg: Mapping[str, Any], root: Path) -> None:
     task = demo.get("task", root.name)
     if root.name != task:
         raise UserError(f"data.root={root}: a demo root must end in the task folder '{task}' (e.g. .cache/demo/{task})")
-    build_demo(root.parent, seed=int(demo.get("seed", 0)))
+    build_demo(root.parent, seed=int(demo.get("seed", 0)), tasks=[task])
 
 
 def _split_ids(root: Path, cfg: Mapping[str, Any], discover: Callable[[], list[str]]) -> dict[str, list[str]]:

@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,8 @@ class RunCheckpoints:
 
 
 class TensorBoardValidation:
-    """val/dice, val/hd95 per validation round, train/lr per iteration, and a mid-slice overlay of the first case."""
+    """val/dice, val/hd95 per validation round, train/lr (the head's) and train/adapter_lr (the method's own tensors)
+    per iteration, and a mid-slice overlay of the first case."""
 
     def __init__(self, writer: Any, metrics: CaseMetrics, trainer: Engine, optimizer: torch.optim.Optimizer,
                  log_images: bool) -> None:
@@ -256,7 +258,8 @@ class TensorBoardValidation:
         self.trainer.add_event_handler(Events.ITERATION_COMPLETED, self._lr)
 
     def _lr(self, trainer: Engine) -> None:
-        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], trainer.state.iteration)
+        for tag, group in zip(("train/lr", "train/adapter_lr"), self.optimizer.param_groups):
+            self.writer.add_scalar(tag, group["lr"], trainer.state.iteration)
 
     def _validation(self, evaluator: Engine) -> None:
         epoch = self.trainer.state.epoch
@@ -278,8 +281,13 @@ class TrainStats:
     job in one process), else the process's max RSS. A resumed run counts only the steps of its own process.
     """
 
-    def __init__(self, path: Path, trainable: int, device: torch.device, world_size: int = 1) -> None:
+    def __init__(self, path: Path, trainable: int, device: torch.device, world_size: int = 1,
+                 groups: dict[str, dict[str, float]] | None = None, adapter_trainable: int | None = None,
+                 best_metric: Callable[[], float | None] = lambda: None) -> None:
         self.path, self.trainable, self.device, self.world_size = path, trainable, device, world_size
+        self.adapter_trainable = adapter_trainable  # of ``trainable``: the method's own tensors (the adapter group)
+        self.best_metric = best_metric  # the best validation Dice so far (what compare.py tunes the lr on)
+        self.groups = groups or {}  # the optimizer groups' starting lr and weight decay (trainer.group_settings)
         self.steps: list[float] = []
         self._start = 0.0
 
@@ -323,6 +331,10 @@ class TrainStats:
         timed = self.steps[1:] or self.steps
         stats = {
             "trainable": self.trainable,
+            "adapter_trainable": self.adapter_trainable,
+            "best_val_dice": self.best_metric(),
+            **{f"{prefix}{key}": value for group, prefix in (("head", ""), ("adapter", "adapter_"))
+               for key, value in self.groups.get(group, {}).items()},
             "step_time_s": float(np.mean(timed)) if timed else None,
             "timed_steps": len(timed),
             "peak_memory_mb": self.peak_memory_mb(),

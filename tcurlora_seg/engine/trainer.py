@@ -25,7 +25,7 @@ from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
-from tcurlora_seg.adapters import count_trainable, load_adapter_state_dict
+from tcurlora_seg.adapters import count_trainable, load_adapter_state_dict, trainable_groups
 from tcurlora_seg.data.check import run_check
 from tcurlora_seg.data.datasets import build_dataset, build_loader
 from tcurlora_seg.data.layouts import load_cases
@@ -123,14 +123,38 @@ def build_evaluator(cfg: DictConfig, model: torch.nn.Module, loader: Any, device
     return evaluator, metrics
 
 
+def group_settings(cfg_optim: DictConfig) -> dict[str, dict[str, float]]:
+    """lr and weight decay of the two optimizer groups: ``head`` (decoder2..5, out) takes ``optim.lr`` /
+    ``optim.weight_decay``; ``adapter`` (the method's own tensors) ``optim.adapter_lr`` / ``optim.adapter_weight_decay``,
+    which fall back to the former only when null (the paper: one lr for everything)."""
+    settings = {}
+    for group, prefix in (("head", ""), ("adapter", "adapter_")):
+        values = {}
+        for key in ("lr", "weight_decay"):
+            value = cfg_optim.get(prefix + key)
+            value = cfg_optim.get(key) if value is None else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise UserError(f"optim.{prefix}{key}={value!r}: use a number >= 0" + (" (or null: optim.lr's)" if prefix else ""))
+            values[key] = float(value)
+        settings[group] = values
+    return settings
+
+
+def param_groups(cfg_optim: DictConfig, model: torch.nn.Module) -> list[dict]:
+    """Two optimizer parameter groups, head first, then the method's own tensors (``trainable_groups``); a group may
+    be empty (decoder-only has no adapter tensors), so that every method's optimizer state has the same layout."""
+    adapter, head = trainable_groups(model)
+    settings = group_settings(cfg_optim)
+    return [{"params": head, "name": "head", **settings["head"]}, {"params": adapter, "name": "adapter", **settings["adapter"]}]
+
+
 def build_trainer(cfg: DictConfig, model: torch.nn.Module, loader: Any, device: torch.device) -> tuple[SupervisedTrainer, torch.optim.Optimizer, Any]:
     """Adam + polynomial decay per iteration (paper), Dice loss on softmax over both classes (paper).
 
     ``model`` may be a DDP wrapper; ``trainer.precision`` and ``trainer.compile`` (torch.compile, through MONAI)
     wrap it further.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optim.optimizer)(params)
+    optimizer = instantiate(cfg.optim.optimizer)(param_groups(cfg.optim, model))
     epoch_length = int(cfg.trainer.epoch_length or len(loader))
     total = int(cfg.trainer.max_epochs) * epoch_length
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=float(cfg.optim.poly_power))
@@ -169,8 +193,10 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
     set_determinism(int(cfg.seed) + ctx.rank)
     model.to(device)
     if main:
+        lrs = group_settings(cfg.optim)
         log.info(f"{cfg.peft.name}: {count_trainable(model):,} trainable of "
-                 f"{sum(p.numel() for p in model.parameters()):,} parameters"
+                 f"{sum(p.numel() for p in model.parameters()):,} parameters; lr {lrs['head']['lr']:g} (decoder), "
+                 f"{lrs['adapter']['lr']:g} ({cfg.peft.name}'s own tensors)"
                  + (f"; {ctx.world_size} processes x batch {cfg.data.batch_size}" if ctx.enabled else ""))
 
     trainer, optimizer, scheduler = build_trainer(cfg, distributed.wrap(ctx, model, device), train_loader, device)
@@ -188,7 +214,9 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
     FiniteLoss(run_dir / "checkpoints", cfg.trainer.get("nonfinite", "stop"),
                cfg.trainer.get("max_nonfinite_skips", 10)).attach(trainer)
     if main:
-        TrainStats(run_dir / "train_stats.json", count_trainable(model), device, ctx.world_size).attach(trainer)
+        TrainStats(run_dir / "train_stats.json", count_trainable(model), device, ctx.world_size,
+                   group_settings(cfg.optim), sum(p.numel() for p in trainable_groups(model)[0]),
+                   lambda: checkpoints.best).attach(trainer)
     if evaluator is not None:
         interval = int(cfg.trainer.val_interval)
         ValidationHandler(validator=evaluator, interval=interval, epoch_level=True).attach(trainer)

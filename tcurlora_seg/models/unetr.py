@@ -37,7 +37,7 @@ from tcurlora_seg.models.checkpoint import load_checkpoint, save_checkpoint
 __all__ = ["LoadReport", "build_unetr", "load_checkpoint", "load_pretrained", "save_checkpoint"]
 
 # Keys handed to monai.networks.nets.UNETR as they are.
-_ARCH_KEYS = (
+ARCH_KEYS = (
     "in_channels", "out_channels", "feature_size", "hidden_size", "mlp_dim", "num_heads", "proj_type", "norm_name",
     "conv_block", "res_block", "dropout_rate", "qkv_bias",
 )  # fmt: skip
@@ -83,9 +83,9 @@ def build_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | li
     cfg = _as_dict(cfg_model)
     if "pos_embed" in cfg:
         raise UserError("model.pos_embed: old MONAI name; rename it to model.proj_type (conv or perceptron)")
-    unknown = sorted(k for k in cfg if k not in _ARCH_KEYS + _OTHER_KEYS and not str(k).startswith("_"))
+    unknown = sorted(k for k in cfg if k not in ARCH_KEYS + _OTHER_KEYS and not str(k).startswith("_"))
     if unknown:
-        raise UserError(f"model.{unknown[0]}: unknown key; known keys are {', '.join(_ARCH_KEYS + _OTHER_KEYS)}")
+        raise UserError(f"model.{unknown[0]}: unknown key; known keys are {', '.join(ARCH_KEYS + _OTHER_KEYS)}")
     for key in ("in_channels", "out_channels"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise UserError(f"model.{key}: expected a positive int, got {cfg.get(key)!r}")
@@ -102,7 +102,7 @@ def build_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | li
             "the sliding-window ROI must equal the UNETR input: set both to the same size"
         )
 
-    kwargs = {k: cfg[k] for k in _ARCH_KEYS if cfg.get(k) is not None}
+    kwargs = {k: cfg[k] for k in ARCH_KEYS if cfg.get(k) is not None}
     if isinstance(kwargs.get("norm_name"), list):  # YAML has no tuples: ["instance", {"affine": true}]
         kwargs["norm_name"] = tuple(kwargs["norm_name"])
     if kwargs.get("proj_type", "conv") not in ("conv", "perceptron"):

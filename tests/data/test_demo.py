@@ -40,8 +40,7 @@ def test_atlas_loads_offline_from_package_data(no_network: None) -> None:
 
 
 def test_subjects_are_deterministic_for_a_seed() -> None:
-    t1, gm, wm, affine = demo._load_atlas()
-    atlas = (t1, gm, wm, demo._hippocampal_region(gm, affine))
+    atlas = demo.atlas_maps()
     for task in demo.DEMO_TASKS:
         a = demo._make_subject(np.random.default_rng([0, 1, 3]), atlas, task)
         b = demo._make_subject(np.random.default_rng([0, 1, 3]), atlas, task)
@@ -53,8 +52,9 @@ def test_subjects_are_deterministic_for_a_seed() -> None:
 def test_demo_has_every_task_in_the_official_layout(demo_root: Path) -> None:
     manifest = json.loads((demo_root / "demo.json").read_text())
     assert manifest["version"] == demo.DEMO_VERSION and manifest["seed"] == 0
-    assert set(manifest["tasks"]) == {"source", "target", "flair"}
-    counts = {"demo": ("target", [5, 3, 10]), "demo_source": ("source", [16, 4, 0]), "demo_flair": ("flair", [5, 3, 10])}
+    assert set(manifest["tasks"]) == {"source", "necrosis", "ventricles", "hippocampus", "flair"}
+    counts = {"demo": ("necrosis", [5, 3, 10]), "demo_source": ("source", [16, 4, 0]), "demo_flair": ("flair", [5, 3, 10]),
+              "demo_ventricles": ("ventricles", [5, 3, 10]), "demo_hippocampus": ("hippocampus", [5, 3, 10])}
     for config, (task, expected) in counts.items():
         cases = load_cases(compose_data(config, [f"data.root={demo_root / task}", "data.demo=null"]))
         assert [len(cases[s]) for s in ("train", "val", "test")] == expected, config
@@ -72,14 +72,50 @@ def test_demo_volumes_are_small_binary_and_non_empty(demo_root: Path) -> None:
             data = np.asarray(image.dataobj)
             assert (data[label == 1] > 0).all()  # labels lie inside the brain
             sums.setdefault(task, []).append(int(label.sum()))
-    # target: a fixed structure of similar size in every subject; source: lesions that vary
-    assert 300 < np.mean(sums["target"]) < 2000 and np.std(sums["target"]) < 0.3 * np.mean(sums["target"])
-    assert len(set(sums["source"])) > 10 and len(set(sums["flair"])) > 10
-    # whole tumours (core and oedema) are larger than the source's lesions
-    assert np.mean(sums["flair"]) > 2 * np.mean(sums["source"])
+    # anatomy: a fixed structure of similar size in every subject; lesions vary
+    assert 300 < np.mean(sums["hippocampus"]) < 2000 and np.std(sums["hippocampus"]) < 0.3 * np.mean(sums["hippocampus"])
+    assert 1000 < np.mean(sums["ventricles"]) < 3000 and np.std(sums["ventricles"]) < 0.3 * np.mean(sums["ventricles"])
+    for task in ("source", "necrosis", "flair"):
+        assert len(set(sums[task])) > 10, task
+    # the targets' lesion labels are cores: smaller than the source's whole lesions
+    assert np.mean(sums["necrosis"]) < 0.5 * np.mean(sums["source"])
 
 
-def test_flair_contrast_suppresses_csf_and_tumours_are_brightest(demo_root: Path) -> None:
+@pytest.mark.parametrize("task", ["necrosis", "flair"])
+def test_whole_lesion_masks_score_under_30_percent_on_the_targets_cores(task: str) -> None:
+    """A model that marks whole lesions (the source task's label) cannot do the target zero-shot: even perfect
+    whole-lesion masks score under 30 % Dice on the core labels on average (25 % here), while the cores lie inside the
+    lesions."""
+    atlas = demo.atlas_maps()
+    insert = {"necrosis": lambda rng, image, wm: demo._insert_lesions(rng, image, wm, (6.0, 10.0), core_reach=0.5),
+              "flair": demo._insert_flair_lesions}[task]
+    dice = []
+    for i in range(8):
+        image, wm = atlas["t1"].copy(), atlas["wm"]
+        whole, core = insert(np.random.default_rng([0, 5, i]), image, wm)
+        assert core.any() and not (core & ~whole).any()
+        dice.append(2 * core.sum() / (core.sum() + whole.sum()))
+        ring = whole & ~core
+        if task == "necrosis":  # T1ce: a dark necrotic core inside a bright rim
+            assert image[core].mean() < image[wm > 0.9].mean() < image[ring].mean()
+        else:  # FLAIR: the core's fluid suppressed like CSF, inside a bright oedema
+            assert image[core].mean() < image[ring].mean()
+    assert np.mean(dice) < 0.25
+
+
+def test_ventricles_are_deep_dark_and_at_the_midline() -> None:
+    atlas = demo.atlas_maps()
+    ventricles = atlas["ventricles"] > 0
+    xyz = nib.affines.apply_affine(atlas["affine"], np.argwhere(ventricles))
+    assert 1500 < ventricles.sum() < 3000 and abs(xyz[:, 0].mean()) < 3  # both sides, symmetric template
+    assert (xyz[:, 0] < -5).sum() > 400 and (xyz[:, 0] > 5).sum() > 400  # two lateral ventricles
+    t1, wm = atlas["t1"], atlas["wm"]
+    assert t1[ventricles].mean() < 0.6 * t1[wm > 0.9].mean()  # CSF is dark in T1
+
+
+def test_flair_contrast_suppresses_csf_and_cores_are_dark_in_a_bright_oedema(demo_root: Path) -> None:
+    from scipy import ndimage
+
     t1, gm, wm, _ = demo._load_atlas()
     flair = demo._flair_contrast(gm, wm, t1 > 0.02)
     csf = (t1 > 0.02) & (gm + wm < 0.1)
@@ -87,13 +123,15 @@ def test_flair_contrast_suppresses_csf_and_tumours_are_brightest(demo_root: Path
     assert t1[gm > 0.9].mean() < t1[wm > 0.9].mean()
     for folder in sorted((demo_root / "flair").glob("sub*"))[:5]:
         image = np.asarray(nib.load(folder / f"{folder.name}_img.nii.gz").dataobj).astype(float)
-        label = np.asarray(nib.load(folder / f"{folder.name}_mask.nii.gz").dataobj) > 0
-        tissue = image[(image > 0) & ~label]
-        assert np.median(image[label]) > np.percentile(tissue, 95), folder.name
+        core = np.asarray(nib.load(folder / f"{folder.name}_mask.nii.gz").dataobj) > 0
+        shell = ndimage.binary_dilation(core, iterations=2) & ~core & (image > 0)  # the oedema next to the core
+        tissue = image[(image > 0) & ~ndimage.binary_dilation(core, iterations=12)]
+        assert np.median(image[shell]) > np.percentile(tissue, 95), folder.name  # the oedema is the brightest
+        assert np.median(image[core]) < np.median(tissue) < np.median(image[shell]), folder.name
 
 
-def test_tasks_differ_and_target_is_where_the_hippocampi_are(demo_root: Path) -> None:
-    label = nib.load(demo_root / "target" / "sub1" / "sub1_mask.nii.gz")
+def test_tasks_differ_and_the_hippocampus_task_is_where_the_hippocampi_are(demo_root: Path) -> None:
+    label = nib.load(demo_root / "hippocampus" / "sub1" / "sub1_mask.nii.gz")
     ijk = np.argwhere(np.asarray(label.dataobj) > 0)
     xyz = nib.affines.apply_affine(label.affine, ijk)
     left, right = xyz[xyz[:, 0] < 0], xyz[xyz[:, 0] > 0]
@@ -106,16 +144,16 @@ def test_tasks_differ_and_target_is_where_the_hippocampi_are(demo_root: Path) ->
 
 
 def test_demo_passes_the_integrity_check(demo_root: Path) -> None:
-    for name, task in (("demo", "target"), ("demo_source", "source")):
+    for name, task in (("demo", "necrosis"), ("demo_source", "source"), ("demo_ventricles", "ventricles")):
         cfg = compose_data(name, [f"data.root={demo_root / task}", "data.demo=null"])
         result = check_dataset(cfg, load_cases(cfg))
         assert result.problems == [] and result.warnings == []
 
 
 def test_cache_is_reused_and_rebuilt_when_stale(demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    stamp = (demo_root / "target" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns
+    stamp = (demo_root / "necrosis" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns
     assert demo.build_demo(demo_root, seed=0) == demo_root
-    assert (demo_root / "target" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns == stamp
+    assert (demo_root / "necrosis" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns == stamp
     assert demo.demo_is_built(demo_root, seed=0) and not demo.demo_is_built(demo_root, seed=1)
     monkeypatch.setattr(demo, "DEMO_VERSION", demo.DEMO_VERSION + 1)
     assert not demo.demo_is_built(demo_root, seed=0)
@@ -131,25 +169,39 @@ def test_a_task_missing_from_the_cache_is_added_without_rebuilding_the_others(
     (root / "demo.json").write_text(json.dumps(manifest))
     shutil.rmtree(root / "flair")
     (root / "source_unetr.pt").write_bytes(b"the source model cached beside the tasks")
-    stamp = (root / "target" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns
-    assert not demo.demo_is_built(root)
+    stamp = (root / "necrosis" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns
+    assert not demo.demo_is_built(root) and demo.demo_is_built(root, tasks=["necrosis", "source"])
     demo.build_demo(root)
     assert demo.demo_is_built(root)
     assert (root / "source_unetr.pt").read_bytes() == b"the source model cached beside the tasks"
-    assert (root / "target" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns == stamp
+    assert (root / "necrosis" / "sub1" / "sub1_img.nii.gz").stat().st_mtime_ns == stamp
     for name in ("sub1_img.nii.gz", "sub1_mask.nii.gz"):  # the added task is the one a full build writes
         added = np.asarray(nib.load(root / "flair" / "sub1" / name).dataobj)
         assert np.array_equal(added, np.asarray(nib.load(demo_root / "flair" / "sub1" / name).dataobj))
-    assert sorted(p.name for p in root.iterdir()) == ["demo.json", "flair", "source", "source_unetr.pt", "target"]
+    assert sorted(p.name for p in root.iterdir()) == ["demo.json", "flair", "hippocampus", "necrosis", "source",
+                                                      "source_unetr.pt", "ventricles"]
+
+
+def test_only_the_tasks_asked_for_are_built(demo_root: Path, tmp_path: Path) -> None:
+    root = demo.build_demo(tmp_path / "demo", tasks=["necrosis"])
+    assert sorted(p.name for p in root.iterdir()) == ["demo.json", "necrosis"]
+    assert demo.demo_is_built(root, tasks=["necrosis"]) and not demo.demo_is_built(root)
+    demo.build_demo(root, tasks=["source"])  # a second task joins the first
+    assert set(json.loads((root / "demo.json").read_text())["tasks"]) == {"necrosis", "source"}
+    for task in ("necrosis", "source"):  # the same subjects as a full build
+        name = "sub2/sub2_mask.nii.gz"
+        assert np.array_equal(np.asarray(nib.load(root / task / name).dataobj), np.asarray(nib.load(demo_root / task / name).dataobj))
+    with pytest.raises(UserError, match="data.demo.task='tumour'"):
+        demo.build_demo(root, tasks=["tumour"])
 
 
 def test_demo_config_builds_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr("tcurlora_seg.data.layouts.build_demo", lambda root, seed: calls.append((root, seed)))
-    cfg = compose_data("demo", [f"data.root={tmp_path / 'cache' / 'target'}"])
+    monkeypatch.setattr("tcurlora_seg.data.layouts.build_demo", lambda root, seed, tasks: calls.append((root, seed, tasks)))
+    cfg = compose_data("demo", [f"data.root={tmp_path / 'cache' / 'necrosis'}"])
     with pytest.raises(UserError):  # nothing was built by the stub, so the root is missing
         load_cases(cfg)
-    assert calls == [(tmp_path / "cache", 0)]
+    assert calls == [(tmp_path / "cache", 0, ["necrosis"])]
     with pytest.raises(UserError, match="task folder"):
         load_cases({**cfg, "root": str(tmp_path / "cache" / "elsewhere")})
 
@@ -165,7 +217,8 @@ def test_demo_never_overwrites_a_foreign_folder(tmp_path: Path) -> None:
 def test_both_demo_targets_fine_tune_the_one_cached_source_model() -> None:
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         source = compose("train", overrides=["+experiment=demo_source"])
-        targets = {name: compose("train", overrides=[f"+experiment={name}"]) for name in ("demo", "demo_flair")}
+        targets = {name: compose("train", overrides=[f"+experiment={name}"])
+                   for name in ("demo", "demo_flair", "demo_ventricles", "demo_hippocampus")}
     for name, cfg in targets.items():
         assert cfg.data.pretrained == source.export_model, name  # the source run's export is what both load
         assert cfg.data.pretrain_experiment == "demo_source", name
