@@ -238,11 +238,31 @@ class RunCheckpoints:
         """Continue a run from ``last.pt``: optimizer, scheduler and engine counters (the adapter is loaded by the caller)."""
         for stale in self.folder.glob(".*.pt.*.tmp"):  # half-written files of a run killed mid-save (SIGKILL, power loss)
             stale.unlink(missing_ok=True)
-        self.optimizer.load_state_dict(payload["optimizer"])
+        self.optimizer.load_state_dict(two_groups(payload["optimizer"], self.optimizer, self.model))
         self.scheduler.load_state_dict(payload["scheduler"])
         self.best = payload.get("metric")
         engine.state.epoch = int(payload["epoch"])
         engine.state.iteration = int(payload["iteration"])
+
+
+def two_groups(state: dict, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """An optimizer state of a run started before the two parameter groups (one group, the trainable parameters in
+    model order, one lr for all) in this optimizer's layout (head group, then adapter group): each parameter keeps its
+    moments and both groups the saved hyperparameters (the old run had one lr for both); any other state as it is."""
+    if len(state["param_groups"]) != 1 or len(optimizer.param_groups) != 2:
+        return state
+    base = getattr(model, "module", model)
+    old = [id(p) for p in base.parameters() if p.requires_grad]  # the single group's order
+    new = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    if len(old) != len(new):
+        return state  # not the same parameters: let load_state_dict say so
+    group = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    groups, start = [], 0
+    for current in optimizer.param_groups:
+        groups.append({**group, "name": current.get("name"), "params": list(range(start, start + len(current["params"])))})
+        start += len(current["params"])
+    moments = {new[old[i]]: value for i, value in state["state"].items()}
+    return {"state": moments, "param_groups": groups}
 
 
 class TensorBoardValidation:

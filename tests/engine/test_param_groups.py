@@ -114,3 +114,18 @@ def test_train_extra_trains_modules_on_top_at_the_decoders_lr_and_travels_in_the
     assert torch.equal(loaded.encoder1.layer.conv1.conv.weight, model.encoder1.layer.conv1.conv.weight)
     with pytest.raises(ValueError, match="peft.train_extra: UNETR has no module 'encoder9'"):
         apply_adapter(make_tiny_unetr(), "decoder_only", train_extra=["encoder9"])
+
+
+def test_a_run_from_before_the_two_groups_resumes_with_its_moments_in_place():
+    from tcurlora_seg.engine.handlers import two_groups
+
+    model = adapted("tcurlora")
+    old = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)  # the one group of before
+    model(torch.randn(1, 1, 32, 32, 32)).square().mean().backward()
+    old.step()
+    moments = {id(p): old.state[p]["exp_avg"].clone() for p in old.param_groups[0]["params"]}
+    new = torch.optim.Adam(param_groups(optim(), model), lr=1e-3)
+    new.load_state_dict(two_groups(old.state_dict(), new, model))
+    assert [len(g["params"]) for g in new.param_groups] == [len(trainable_groups(model)[1]), len(trainable_groups(model)[0])]
+    assert all(torch.equal(new.state[p]["exp_avg"], moments[id(p)]) for g in new.param_groups for p in g["params"])
+    assert [g["lr"] for g in new.param_groups] == [1e-3, 1e-3]
