@@ -120,6 +120,10 @@ def test_ctrl_c_saves_and_resume_continues_to_the_last_epoch(tmp_path, official_
     assert [g["initial_lr"] for g in groups] == [1e-3, 5e-2] and len(groups[1]["params"]) == 3  # attn, mlp_up, mlp_down
     stats = json.loads((run / "train_stats.json").read_text())
     assert (stats["lr"], stats["adapter_lr"], stats["adapter_weight_decay"]) == (1e-3, 5e-2, 1e-5)
+    # TensorBoard: both lrs per iteration, the poly schedule scaling both alike (the resumed process logs too)
+    lr, adapter_lr = scalars(run, "train/lr"), scalars(run, "train/adapter_lr")
+    assert len(lr) == len(adapter_lr) >= 40 and all(a == pytest.approx(50 * h, rel=1e-5) for h, a in zip(lr, adapter_lr))
+    assert adapter_lr[0] < 5e-2 and adapter_lr[-1] < adapter_lr[0]
     assert stats["adapter_trainable"] == 2 * 2 * (48 + 12 + 12)  # U of rank 2 per tensor: r² · n3
     assert only_run(tmp_path) == run  # no second run folder
 
