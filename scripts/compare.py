@@ -403,6 +403,16 @@ def _float(value) -> float | None:
     return None if value in (None, "") else float(value)
 
 
+def tuning_seeds(rows: Sequence[dict], key: str) -> set[str]:
+    """The seeds that ran more than one value of ``key``: those the choice is made on (the others ran only the
+    chosen value, for the final numbers)."""
+    values = {}
+    for row in rows:
+        if _float(row[key]) is not None:
+            values.setdefault(str(row["seed"]), set()).add(_float(row[key]))
+    return {seed for seed, seen in values.items() if len(seen) > 1}
+
+
 def choose(rows: Sequence[dict], key: str, grid: Sequence[float] = ()) -> float | None:
     """The value of ``key`` (``adapter_lr`` or ``lr``) whose runs have the highest mean validation Dice over the seeds
     that ran more than one value (the tuning seeds); ties go to the first value of ``grid`` (ascending if not given).
@@ -411,8 +421,7 @@ def choose(rows: Sequence[dict], key: str, grid: Sequence[float] = ()) -> float 
                     key=lambda v: (grid.index(v), v) if v in grid else (len(grid), v))
     if len(values) < 2:
         return None
-    seeds_of = lambda v: {str(r["seed"]) for r in rows if _float(r[key]) == v}  # noqa: E731
-    tune = {seed for v in values for seed in seeds_of(v) if sum(seed in seeds_of(w) for w in values) > 1}
+    tune = tuning_seeds(rows, key)
     means = []
     for value in values:
         val = [_float(r["val_dice"]) for r in rows if _float(r[key]) == value and str(r["seed"]) in tune]
@@ -569,6 +578,8 @@ def plot_tuning(rows: Sequence[dict], chosen: dict[str, float], path: Path) -> P
             mine = [r for r in rows if r["method"] == method and _float(r[key]) is not None and _float(r["val_dice"]) is not None]
             if key == "adapter_lr" and "lr" in chosen:
                 mine = [r for r in mine if _float(r["lr"]) == chosen["lr"]]
+            tune = tuning_seeds(mine, key)  # what the choice saw: not the final seeds at the chosen lr
+            mine = [r for r in mine if str(r["seed"]) in tune]
             lrs = sorted({_float(r[key]) for r in mine})
             means = [statistics.fmean(_float(r["val_dice"]) for r in mine if _float(r[key]) == lr) for lr in lrs]
             ax.plot(lrs, means, label=method, **_style(method))

@@ -248,6 +248,7 @@ def test_each_method_runs_at_the_lr_with_the_best_validation_dice_never_the_best
     chosen = {(r["method"], r["seed"], r["adapter_lr"]) for r in rows if r["selected"] == "True"}
     assert {c for c in chosen if c[0] == "lora"} == {("lora", "0", "0.01"), ("lora", "1", "0.01"), ("lora", "2", "0.01")}
     assert {c for c in chosen if c[0] == "tcurlora"} == {("tcurlora", "0", "0.01")}
+    assert compare.tuning_seeds([r for r in rows if r["method"] == "lora"], "adapter_lr") == {"0", "1"}  # not seed 2
     assert float(next(r for r in rows if r["method"] == "lora" and r["seed"] == "0" and r["adapter_lr"] == "0.001")["val_dice"]) == 70.0
     table = {row[0]: row for row in table_rows((tmp_path / "comparison.md").read_text())}
     header = [c.strip() for c in (tmp_path / "comparison.md").read_text().splitlines()[0].strip("|").split("|")]
