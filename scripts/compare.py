@@ -171,19 +171,27 @@ def ablation_sweeps(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence
     return sweeps
 
 
-def comparison_setting(experiment: str, extra: Sequence[str]) -> tuple[int, str] | None:
-    """(rank, group setting) that the comparison's tCURLoRA runs use: its config with the experiment and the extra
-    overrides (launcher and other ``hydra`` keys aside); None when the tensors are not one of GROUPS' settings or the
-    overrides do not compose."""
+def run_config(experiment: str, extra: Sequence[str], *overrides: str):
+    """The config a run of ``experiment`` composes with ``overrides`` and the extra ones (launcher and other ``hydra``
+    keys aside); None when they do not compose (every run then stops on them with its own one-line error)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    overrides = [f"+experiment={experiment}", "peft=tcurlora", *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
+    given = [f"+experiment={experiment}", *overrides, *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
     try:
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            peft = compose("train", overrides=overrides).peft
-        rank, groups = int(peft.rank), list(peft.groups)
-    except (HydraException, ValueError, TypeError):  # a bad override: every run stops on it with its own one-line error
+            return compose("train", overrides=given)
+    except (HydraException, ValueError, TypeError):
+        return None
+
+
+def comparison_setting(experiment: str, extra: Sequence[str]) -> tuple[int, str] | None:
+    """(rank, group setting) that the comparison's tCURLoRA runs use: its config with the experiment and the extra
+    overrides; None when the tensors are not one of GROUPS' settings or the overrides do not compose."""
+    cfg = run_config(experiment, extra, "peft=tcurlora")
+    try:
+        rank, groups = int(cfg.peft.rank), list(cfg.peft.groups)
+    except (AttributeError, ValueError, TypeError):  # a bad override: every run stops on it with its own one-line error
         return None
     name = next((g for g, tensors in GROUPS.items() if groups == tensors), None)
     return (rank, name) if name else None
@@ -733,18 +741,12 @@ def has_validation(experiment: str, extra: Sequence[str]) -> bool:
     """Whether the runs of ``experiment`` (with ``extra``) validate, i.e. have a best validation Dice to tune on: a
     split file, a validation list file in the data root, or ``data.split.val`` above 0. True when the overrides do not
     compose (every run then stops on them with its own one-line error)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    overrides = [f"+experiment={experiment}", *(o for o in extra if not o.lstrip("+~").startswith("hydra"))]
-    try:
-        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            data = compose("train", overrides=overrides).data
-        split = data.split
-        listed = split.get("files") and split.files.get("val") and data.root and (Path(data.root) / split.files.val).is_file()
-        return bool(split.get("file") or listed or (split.get("val") or 0) > 0 or data.get("demo"))
-    except (HydraException, ValueError, TypeError):
+    cfg = run_config(experiment, extra)
+    if cfg is None:
         return True
+    data, split = cfg.data, cfg.data.split
+    listed = split.get("files") and split.files.get("val") and data.root and (Path(data.root) / split.files.val).is_file()
+    return bool(split.get("file") or listed or (split.get("val") or 0) > 0 or data.get("demo"))
 
 
 def launch(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: int) -> list[str]:

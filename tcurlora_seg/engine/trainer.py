@@ -192,8 +192,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
     # are the same too unless the method draws random numbers in its forward pass (peft's LoHa and LoKr do).
     set_determinism(int(cfg.seed) + ctx.rank)
     model.to(device)
+    lrs = group_settings(cfg.optim)
     if main:
-        lrs = group_settings(cfg.optim)
         log.info(f"{cfg.peft.name}: {count_trainable(model):,} trainable of "
                  f"{sum(p.numel() for p in model.parameters()):,} parameters; lr {lrs['head']['lr']:g} (decoder), "
                  f"{lrs['adapter']['lr']:g} ({cfg.peft.name}'s own tensors)"
@@ -215,7 +215,7 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
                cfg.trainer.get("max_nonfinite_skips", 10)).attach(trainer)
     if main:
         TrainStats(run_dir / "train_stats.json", count_trainable(model), device, ctx.world_size,
-                   group_settings(cfg.optim), sum(p.numel() for p in trainable_groups(model)[0]),
+                   lrs, sum(p.numel() for p in trainable_groups(model)[0]),
                    lambda: checkpoints.best).attach(trainer)
     if evaluator is not None:
         interval = int(cfg.trainer.val_interval)
