@@ -35,7 +35,10 @@ With ``--jobs N`` (N > 1) the same runs go as single runs of the entry point, N 
 the same folders (``OUT/<sweep>/<job>_<method>``, logs in ``OUT/logs/``), seed-major over all sweeps: every method
 and ablation setting gets seed 0 before any gets seed 1. The first run goes alone (it pretrains the demo's source
 model when that is not cached, which the others then share), and each run gets ``OMP_NUM_THREADS`` = cores / N
-unless that is set. A failed run does not stop the others; its sweep is reported as failed.
+unless that is set. A failed run does not stop the others; its sweep is reported as failed. The first run of
+each seed evaluates the zero-shot model, the others skip it (it is the same model on the same cases). Called again
+with the same ``--out``, runs that finished with the same settings are kept, a run stopped part-way continues from
+its last checkpoint (``trainer.resume=auto``, also for Hydra multiruns), so a long comparison spans sessions.
 The ablation varies one factor at a time (rank with all three tensors; tensor groups at rank 8); ``--grid`` runs
 every rank x group setting instead, in OUT/ablation/grid. The comparison's own tCURLoRA runs (rank 8, all tensors,
 unless overridden after ``--``) are not run again by the one-factor ablation: its table takes them in from OUT/runs.
@@ -198,8 +201,34 @@ def comparison_setting(experiment: str, extra: Sequence[str]) -> tuple[int, str]
 
 
 def train_command(overrides: Sequence[str], extra: Sequence[str], folder: str) -> list[str]:
-    """The entry point with ``overrides`` and its test evaluation; ``extra`` come last (they win), then the folder."""
-    return [sys.executable, "-m", "tcurlora_seg.train", *overrides, "trainer.evaluate=true", *extra, folder]
+    """The entry point with ``overrides`` and its test evaluation; ``extra`` come last (they win), then the folder.
+
+    ``trainer.resume=auto``: rerun into the same ``--out``, a run stopped part-way (Ctrl-C, a session's end)
+    continues from its last checkpoint, a finished one is not trained again."""
+    return [sys.executable, "-m", "tcurlora_seg.train", *overrides, "trainer.evaluate=true", "trainer.resume=auto",
+            *extra, folder]
+
+
+# Overrides that do not change what a run trains and measures: a finished run with other values of these is the
+# same run (compare.py sets them itself, or the user's launcher does)
+RUN_FREE = {"trainer.progress", "trainer.evaluate", "trainer.evaluate_pretrained", "trainer.resume",
+            "trainer.device", "data.num_workers"}
+
+
+def settings(overrides: Sequence[str]) -> set[str]:
+    return {o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUN_FREE and not o.startswith("hydra")}
+
+
+def finished_earlier(run_dir: Path, overrides: Sequence[str]) -> bool:
+    """Whether ``run_dir`` holds a finished, evaluated run of these settings (from an earlier call with this --out).
+
+    A folder of other settings is not: its run starts again there and stops on the resume check's one-line error."""
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    if not ((run_dir / "eval" / "summary.json").is_file() and recorded.is_file()):
+        return False
+    from omegaconf import OmegaConf
+
+    return settings(OmegaConf.load(recorded)) == settings(overrides)
 
 
 def child_env() -> dict[str, str]:
@@ -245,12 +274,25 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     failed: set[str] = set()
     done = itertools.count(1)
+    folder = lambda name, num, overrides: (out / name / f"{num}_{_value(overrides, 'peft') or 'run'}").resolve()  # noqa: E731
+    earlier = [job for job in queue if finished_earlier(folder(*job), [*job[2], *extra])]
+    queue = [job for job in queue if job not in earlier]
+    # the zero-shot model is the same for every run of a seed: the first run of each seed evaluates it, the others
+    # skip it (~20 % of a demo run)
+    zero_shot = {_value(run, "seed") for name, num, run in earlier
+                 if (folder(name, num, run) / "eval_pretrained" / "summary.json").is_file()}
+    first_of_seed = set()
+    for name, num, run in queue:
+        if _value(run, "seed") not in zero_shot:
+            zero_shot.add(_value(run, "seed"))
+            first_of_seed.add((name, num))
 
     def run_one(job: tuple[str, int, list[str]], env: dict[str, str] = shared) -> None:
         name, num, overrides = job
-        run_dir = (out / name / f"{num}_{_value(overrides, 'peft') or 'run'}").resolve()
+        run_dir = folder(*job)
         log = out / "logs" / f"{name.replace('/', '-')}_{num}.log"
-        command = train_command([*overrides, "trainer.progress=false"], extra, f"hydra.run.dir={run_dir}")
+        own = ["trainer.progress=false", *([] if (name, num) in first_of_seed else ["trainer.evaluate_pretrained=false"])]
+        command = train_command([*overrides, *own], extra, f"hydra.run.dir={run_dir}")
         start = time.monotonic()
         with log.open("w") as f:
             f.write("$ " + shlex.join(command) + "\n")
@@ -262,6 +304,10 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
         print(f"[{next(done)}/{len(queue)}] {run_dir.relative_to(out.resolve())} {' '.join(overrides[1:])}: {status} "
               f"in {time.monotonic() - start:.0f} s", flush=True)
 
+    if earlier:
+        print(f"{len(earlier)} runs finished earlier in {out} (kept)", flush=True)
+    if not queue:
+        return []
     print(f"{len(queue)} runs, {jobs} at a time, logs in {out / 'logs'}", flush=True)
     run_one(queue[0], alone)  # alone: it may pretrain the demo's source model, which every later run loads
     with ThreadPoolExecutor(jobs) as pool:

@@ -63,7 +63,9 @@ def _resume_target(cfg: DictConfig, new_dir: Path) -> Path | None:
 
 
 # What a resumed run may change: where it runs and how it reports, not what it trains.
-RESUME_FREE = {"trainer.resume", "trainer.run_dir", "trainer.device", "trainer.progress", "data.num_workers"}
+# (trainer.evaluate_pretrained acts when a run starts: a resumed run has its pretrained.pt, or not, already)
+RESUME_FREE = {"trainer.resume", "trainer.run_dir", "trainer.device", "trainer.progress", "data.num_workers",
+               "trainer.evaluate_pretrained"}
 _ABSENT = object()
 
 
@@ -174,7 +176,8 @@ def run(cfg: DictConfig) -> None:
 
 
 def _train(cfg: DictConfig, ctx, device) -> tuple[DictConfig, Path, dict] | None:
-    """Every rank: the run folder, resume or pretraining, then ``fit``; None when the run had already finished."""
+    """Every rank: the run folder, resume or pretraining, then ``fit``; None when the run had already finished (result
+    None when only its test evaluation is missing)."""
     from tcurlora_seg.engine import distributed
     from tcurlora_seg.engine.pretrain import ensure_pretrained
     from tcurlora_seg.engine.run import checkpoint_path, load_run_config
@@ -194,6 +197,8 @@ def _train(cfg: DictConfig, ctx, device) -> tuple[DictConfig, Path, dict] | None
         check_resume_overrides(given, cfg, run_dir)
         if resume["epoch"] >= cfg.trainer.max_epochs:
             log.info(f"{run_dir} already finished its {cfg.trainer.max_epochs} epochs")
+            if cfg.trainer.evaluate and not (run_dir / "eval" / "summary.json").is_file():
+                return cfg, run_dir, None  # stopped during its test evaluation: that alone is left to do
             return None
     else:
         distributed.on_main(ctx, lambda: ensure_pretrained(cfg))  # the demo's source model: pretrained once
@@ -209,12 +214,15 @@ def _train(cfg: DictConfig, ctx, device) -> tuple[DictConfig, Path, dict] | None
     return cfg, run_dir, result
 
 
-def _finish(cfg: DictConfig, run_dir: Path, result: dict) -> None:
-    """Rank 0 after training: export the merged model, evaluate the test split, say where everything is."""
-    if cfg.get("export_model"):
+def _finish(cfg: DictConfig, run_dir: Path, result: dict | None) -> None:
+    """Rank 0 after training (``result`` None: it finished earlier): export the merged model, evaluate the test
+    split, say where everything is."""
+    if result is not None and cfg.get("export_model"):
         export(result["model"], cfg, cfg.export_model)
-    best = result["best_dice"]
-    log.info(f"finished epoch {result['epoch']} in {run_dir}" + (f"; best validation Dice {best:.2f} %" if best is not None else ""))
+    if result is not None:
+        best = result["best_dice"]
+        log.info(f"finished epoch {result['epoch']} in {run_dir}"
+                 + (f"; best validation Dice {best:.2f} %" if best is not None else ""))
     if cfg.trainer.evaluate:
         evaluate(cfg, run_dir)
     print(f"run folder: {run_dir}\n  tensorboard --logdir {run_dir / 'tensorboard'}\n  make eval RUN={run_dir}")

@@ -81,6 +81,36 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     assert float(rows[1][compare.PAIRED]) == pytest.approx(float(rows[1]["dice"]) - float(rows[0]["dice"]))
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
 
+    # the same call again: every run finished earlier, none trains; a run stopped in its test evaluation only evaluates
+    args = ["--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0", "1", "--no-ablation", "--out", str(out),
+            "--", *tiny_overrides(root)]
+    again = run_compare(tmp_path, *args)
+    assert again.returncode == 0 and "4 runs finished earlier" in again.stdout and ": done in" not in again.stdout
+    assert read_csv(out / "comparison.csv") == rows
+    summaries = {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval/summary.json")}
+    (out / "runs" / "3_tcurlora" / "eval" / "summary.json").unlink()
+    third = run_compare(tmp_path, *args)
+    assert third.returncode == 0 and "3 runs finished earlier" in third.stdout and third.stdout.count(": done in") == 1
+    log = (out / "logs" / "runs_3.log").read_text()
+    assert "already finished" in log and "best validation Dice" not in log  # evaluated, not trained again
+    assert (out / "runs" / "3_tcurlora" / "eval" / "summary.json").is_file()
+    assert {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval/summary.json")
+            if p.parent.parent.name != "3_tcurlora"} == {k: v for k, v in summaries.items() if k != "3_tcurlora"}
+    assert read_csv(out / "comparison.csv") == rows
+
+
+def test_parallel_runs_evaluate_the_zero_shot_model_once_per_seed(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda command, **kw: commands.append(command)
+                        or subprocess.CompletedProcess(command, 0))
+    sweeps = {"runs": compare.comparison_overrides(["decoder_only", "lora", "tcurlora"], [0, 1], "demo")}
+    compare.run_parallel(sweeps, [], tmp_path, jobs=2)
+    skips = sorted((compare._value(c, "seed"), compare._value(c, "peft"), "trainer.evaluate_pretrained=false" in c)
+                   for c in commands)
+    assert skips == [("0", "decoder_only", False), ("0", "lora", True), ("0", "tcurlora", True),
+                     ("1", "decoder_only", False), ("1", "lora", True), ("1", "tcurlora", True)]
+    assert all("trainer.resume=auto" in c for c in commands)
+
     ablation = read_csv(out / "ablation.csv")
     # one factor at a time: ranks 1 and 8 with all tensors, then attention only at rank 1; rank 8 with all tensors is
     # the comparison's own tCURLoRA run (its defaults), taken in rather than run twice
@@ -361,6 +391,36 @@ def test_parallel_jobs_give_the_same_tables_as_one_sweep(tmp_path):
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["0_decoder_only", "1_tcurlora", "2_decoder_only", "3_tcurlora"]
     assert len(list((out / "logs").glob("runs_*.log"))) == 4 and result.stdout.count(": done in") == 4
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
+
+    # the same call again: every run finished earlier, none trains; a run stopped in its test evaluation only evaluates
+    args = ["--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0", "1", "--no-ablation", "--out", str(out),
+            "--", *tiny_overrides(root)]
+    again = run_compare(tmp_path, *args)
+    assert again.returncode == 0 and "4 runs finished earlier" in again.stdout and ": done in" not in again.stdout
+    assert read_csv(out / "comparison.csv") == rows
+    summaries = {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval/summary.json")}
+    (out / "runs" / "3_tcurlora" / "eval" / "summary.json").unlink()
+    third = run_compare(tmp_path, *args)
+    assert third.returncode == 0 and "3 runs finished earlier" in third.stdout and third.stdout.count(": done in") == 1
+    log = (out / "logs" / "runs_3.log").read_text()
+    assert "already finished" in log and "best validation Dice" not in log  # evaluated, not trained again
+    assert (out / "runs" / "3_tcurlora" / "eval" / "summary.json").is_file()
+    assert {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval/summary.json")
+            if p.parent.parent.name != "3_tcurlora"} == {k: v for k, v in summaries.items() if k != "3_tcurlora"}
+    assert read_csv(out / "comparison.csv") == rows
+
+
+def test_parallel_runs_evaluate_the_zero_shot_model_once_per_seed(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(compare.subprocess, "run", lambda command, **kw: commands.append(command)
+                        or subprocess.CompletedProcess(command, 0))
+    sweeps = {"runs": compare.comparison_overrides(["decoder_only", "lora", "tcurlora"], [0, 1], "demo")}
+    compare.run_parallel(sweeps, [], tmp_path, jobs=2)
+    skips = sorted((compare._value(c, "seed"), compare._value(c, "peft"), "trainer.evaluate_pretrained=false" in c)
+                   for c in commands)
+    assert skips == [("0", "decoder_only", False), ("0", "lora", True), ("0", "tcurlora", True),
+                     ("1", "decoder_only", False), ("1", "lora", True), ("1", "tcurlora", True)]
+    assert all("trainer.resume=auto" in c for c in commands)
 
 
 def test_parallel_failed_run_names_its_sweep_and_the_others_finish(tmp_path):
