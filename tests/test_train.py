@@ -75,6 +75,30 @@ def test_training_writes_a_complete_run_folder_and_evaluates(tmp_path, official_
     # the run rebuilds into the trained model: U moved away from zero
     model, cfg, _ = restore_model(run, "last")
     assert cfg.peft.rank == 2 and model.tcur_groups["attn"].tcur_U.abs().sum() > 0
+    check_adapter_folder(run, tmp_path)
+
+
+def check_adapter_folder(run: Path, tmp_path: Path) -> None:
+    """adapter/ (JSON + safetensors) is best.pt's adapter: checkpoint=adapter rebuilds the same model, and
+    model.pretrained=RUN/adapter starts a new run from the merged fine-tuned model."""
+    from tcurlora_seg.adapters import merged_state_dict
+    from tcurlora_seg.errors import UserError
+    from tcurlora_seg.models.unetr import build_unetr, load_pretrained
+
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["method"] == "tcurlora" and config["base_model_config"]["img_size"] == [32, 32, 32]
+    best, _, _ = restore_model(run, "best")
+    from_folder, _, payload = restore_model(run, "adapter")
+    assert payload["adapter_folder"] == str(run / "adapter")
+    expected = merged_state_dict(best)
+    assert all(torch.equal(t, expected[k]) for k, t in merged_state_dict(from_folder).items())
+    base = {k: v for k, v in config["base_model_config"].items() if k not in ("img_size", "seed")}
+    again = build_unetr(base, img_size=[32, 32, 32])
+    report = load_pretrained(again, run / "adapter")
+    assert report.source_format == "adapter folder" and not report.missing
+    assert all(torch.equal(t, expected[k]) for k, t in again.state_dict().items())
+    with pytest.raises(UserError, match="holds no adapter_config.json"):
+        restore_model(run, str(tmp_path))
 
 
 def test_every_method_of_a_seed_trains_on_the_same_data_stream(tmp_path, official_dataset):

@@ -6,6 +6,7 @@ Named ``adapters`` so as not to be confused with HF ``peft`` (which the LoRA-fam
     merge_adapter(model) / unmerge_adapter(model)
     state = adapter_state_dict(model)             # only what trained + indices + options + base fingerprint
     load_adapter_state_dict(fresh_pretrained_model, state)
+    save_adapter(model, "run/adapter") / load_adapter(fresh_pretrained_model, "run/adapter")   # JSON + safetensors
 
 Methods (``peft=NAME``; defaults and trainable-count formulas in each module's docstring):
 ``full``, ``decoder_only`` (full.py); ``lora``, ``dora``, ``pissa`` (lora.py), ``loha``, ``lokr`` (HF peft);
@@ -37,6 +38,8 @@ __all__ = [
     "unmerge_adapter",
     "adapter_state_dict",
     "load_adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
     "adapter_layers",
     "merged_state_dict",
     "count_trainable",
@@ -221,3 +224,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict) -> nn.Module:
     for layer in merged:
         layer.merge()
     return model
+
+
+# adapter folders (JSON + safetensors) build on the functions above: imported last, for the package's namespace
+from .files import load_adapter, save_adapter  # noqa: E402

@@ -27,12 +27,13 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from tcurlora_seg.adapters import adapter_state_dict
+from tcurlora_seg.adapters.files import write_adapter
 from tcurlora_seg.engine import distributed
 from tcurlora_seg.engine.distributed import Dist
 from tcurlora_seg.engine.metrics import case_metrics, summarize
-from tcurlora_seg.engine.run import FORMAT, epoch_checkpoints
+from tcurlora_seg.engine.run import ADAPTER_DIR, FORMAT, base_model_config, epoch_checkpoints
 from tcurlora_seg.errors import UserError
-from tcurlora_seg.models.checkpoint import save_checkpoint
+from tcurlora_seg.models.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("tcurlora_seg")
 
@@ -227,6 +228,12 @@ class RunCheckpoints:
         self.save(engine, "last", full=True)
         if not (self.folder / "best.pt").is_file():  # no validation split: the final state is the one to use
             self.save(engine, "best")
+        self.save_adapter_folder()
+
+    def save_adapter_folder(self) -> Path:
+        """``adapter/``: the best checkpoint's adapter as peft users know it (JSON + safetensors, no pickle)."""
+        best = load_checkpoint(self.folder / "best.pt")
+        return write_adapter(best["adapter"], self.folder.parent / ADAPTER_DIR, base_model_config=base_model_config(self.config))
 
     def _exception(self, engine: Engine, error: BaseException) -> None:
         if isinstance(error, KeyboardInterrupt):  # Ctrl-C: keep the work; a NaN or a crash must not overwrite it

@@ -6,6 +6,8 @@ Layout of a run folder (Hydra's output dir of `python -m tcurlora_seg.train`):
     checkpoints/last.pt          latest state: adapter + optimizer + scheduler + epoch (resume)
     checkpoints/best.pt          best validation Dice (adapter only)
     checkpoints/epoch_NNNN.pt    the last ``trainer.keep_last_epochs`` epochs (adapter only; softmax averaging)
+    adapter/                     best.pt's adapter as adapter_config.json + adapter_model.safetensors (peft's
+                                 convention, no pickle), written when training ends; checkpoint=adapter loads it
     tensorboard/                 curves and image slices
     train_stats.json             trainable parameters, mean time per training step, peak memory (scripts/compare.py)
     eval/                        metrics.csv, summary.json, predicted labels
@@ -25,18 +27,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tcurlora_seg.adapters import apply_adapter, load_adapter_state_dict, merged_state_dict
+from tcurlora_seg.adapters import apply_adapter, load_adapter, load_adapter_state_dict, merged_state_dict
+from tcurlora_seg.adapters.files import ADAPTER_CONFIG, is_adapter_folder
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.unetr import LoadReport, build_unetr, load_checkpoint, load_pretrained
 
 __all__ = [
     "FORMAT",
+    "ADAPTER_DIR",
+    "base_model_config",
     "resolve_device",
     "build_model",
     "save_run_config",
     "load_run_config",
     "checkpoint_path",
     "epoch_checkpoints",
+    "adapter_folder",
     "restore_model",
     "vit_change",
     "latest_run",
@@ -44,6 +50,7 @@ __all__ = [
 
 FORMAT = "tcurlora_seg/1"
 CONFIG = "config.yaml"
+ADAPTER_DIR = "adapter"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,6 +93,15 @@ def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.M
     return model, report
 
 
+def base_model_config(config: dict) -> dict | None:
+    """What an adapter folder records of its base: the run's ``model`` section, the ``img_size`` it was built with
+    and the seed that initialised whatever the pretrained file did not hold (``model.pretrained=FOLDER`` rebuilds it);
+    None for a config without a model section."""
+    if not isinstance(config.get("model"), dict):
+        return None
+    return {**config["model"], "img_size": (config.get("data") or {}).get("roi_size"), "seed": config.get("seed")}
+
+
 def save_run_config(cfg: DictConfig, run_dir: str | os.PathLike) -> Path:
     """Write the resolved config into the run folder (what evaluate, predict and resume rebuild from)."""
     path = Path(run_dir) / CONFIG
@@ -119,9 +135,30 @@ def epoch_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(kept, key=lambda p: int(p.stem.split("_")[1]))
 
 
+def adapter_folder(run_dir: str | os.PathLike, which: str) -> Path | None:
+    """``which`` as an adapter folder: ``adapter`` (the run's own ``adapter/``) or a folder path; None for a .pt
+    checkpoint (``best`` | ``last`` | ``epoch_NNNN`` | a file)."""
+    path = Path(run_dir) / ADAPTER_DIR if which == ADAPTER_DIR else Path(which)
+    if which != ADAPTER_DIR and not path.is_dir():
+        return None
+    if not is_adapter_folder(path):
+        raise UserError(f"checkpoint={which}: {path} holds no {ADAPTER_CONFIG} (a run writes {ADAPTER_DIR}/ when its "
+                        "training ends); choose checkpoint=best|last|epoch_NNNN or a folder written by save_adapter")
+    return path
+
+
 def restore_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[torch.nn.Module, DictConfig, dict]:
-    """Rebuild the fine-tuned model of a run: base from config (+ model.pretrained) and the checkpoint's adapter."""
+    """Rebuild the fine-tuned model of a run: base from config (+ model.pretrained) and the checkpoint's adapter
+    (a training checkpoint, or an adapter folder: ``which`` = ``adapter`` or its path)."""
     cfg = load_run_config(run_dir)
+    folder = adapter_folder(run_dir, which)
+    if folder is not None:
+        model, _ = build_model(cfg)
+        try:
+            load_adapter(model, folder)
+        except ValueError as err:  # it names the folder and the fix
+            raise UserError(str(err)) from err
+        return model, cfg, {"format": FORMAT, "adapter_folder": str(folder)}
     path = checkpoint_path(run_dir, which)
     payload = load_checkpoint(path)
     if payload.get("format") != FORMAT or "adapter" not in payload:

@@ -12,6 +12,9 @@ Checkpoints accepted by :func:`load_pretrained` (always ``torch.load(weights_onl
     ours                ``{"model": state_dict, "config": {...}, ...}`` (see :func:`save_checkpoint`)
     official            ``{"epoch", "state_dict", "optim_dict"}`` of t-CURLoRA / LoRA-PT, maybe ``module.``-prefixed
     plain               a MONAI UNETR ``state_dict``
+    adapter folder      ``adapter_config.json`` + ``adapter_model.safetensors`` (a run's ``adapter/``): its base is
+                        rebuilt from the config's ``base_model_config`` (with that base's own ``pretrained``), the
+                        adapter loaded and merged: fine-tune a fine-tuned model again without exporting it first
 MONAI version differences (DESIGN §5) are absorbed: a perceptron patch embedding (old ``pos_embed="perceptron"``) is
 converted exactly to a conv one and back; a missing qkv bias becomes zero (the same function); ``norm_cross_attn`` /
 ``cross_attn`` keys (newer ViT blocks, unused by UNETR) and stray ``cls_token`` / ``classification_head`` are ignored.
@@ -165,6 +168,32 @@ def _unwrap(ckpt: dict[str, Any], path: str) -> tuple[Mapping[str, Any], str, di
     )
 
 
+def _merged_adapter_folder(path: str) -> dict[str, torch.Tensor]:
+    """An adapter folder as a plain UNETR state dict: the base it names rebuilt, the adapter loaded, ΔW merged."""
+    from tcurlora_seg.adapters import load_adapter, merged_state_dict
+    from tcurlora_seg.adapters.files import ADAPTER_CONFIG, read_adapter
+
+    try:
+        config, _ = read_adapter(path)
+    except ValueError as err:
+        raise UserError(f"model.pretrained={path}: {err}") from err
+    base = dict(config.get("base_model_config") or {})
+    if not base:
+        raise UserError(f"model.pretrained={path}: its {ADAPTER_CONFIG} names no base model (base_model_config); load it "
+                        "with load_adapter onto its base, or export the merged model with export_model=")
+    img_size, seed = base.pop("img_size", None), base.pop("seed", None)
+    if seed is not None:  # whatever the base's pretrained file does not hold, initialised as in the run
+        torch.manual_seed(int(seed))
+    model = build_unetr(base, img_size=img_size)
+    if base.get("pretrained"):
+        load_pretrained(model, base["pretrained"])
+    try:
+        load_adapter(model, path)
+    except ValueError as err:  # e.g. the base's file changed since: another fingerprint
+        raise UserError(f"model.pretrained={path}: {err}") from err
+    return merged_state_dict(model)
+
+
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
@@ -245,8 +274,13 @@ def load_pretrained(model: UNETR, path: str | os.PathLike, *, strict_vit: bool =
     Raises:
         UserError: unreadable file, no matching keys, or (strict_vit) a backbone that does not fit the model.
     """
+    from tcurlora_seg.adapters.files import is_adapter_folder
+
     path = os.fspath(path)
-    state, source_format, config = _unwrap(load_checkpoint(path), path)
+    if is_adapter_folder(path):
+        state, source_format, config = _merged_adapter_folder(path), "adapter folder", None
+    else:
+        state, source_format, config = _unwrap(load_checkpoint(path), path)
     state = _strip_prefixes(state)
     target = model.state_dict()
     report = LoadReport(path=path, source_format=source_format, checkpoint_config=config)
