@@ -64,6 +64,8 @@ def test_entry_point_evaluates_the_run_and_prints_the_table(
     summary = (run / "eval" / "summary.json").read_text()
     assert '"average_last": 2' in summary and '"min_component_mm3": 1000.0' in summary
     assert (run / "eval" / "predictions" / "sub2.nii.gz").is_file()
+    for picture in ("overlays.png", "dice_per_case.png"):
+        assert (run / "eval" / picture).read_bytes().startswith(b"\x89PNG")
     assert list(cwd.iterdir()) == []
 
 

@@ -10,7 +10,8 @@ MONAI ``Invertd`` before the argmax; the reference is the label file loaded with
 ``data.label_map``), and the spacing for HD95 and the component volumes is the label header's.
 
 Writes into ``run_dir/eval/``: ``metrics.csv`` (one row per case), ``summary.json`` (``engine.metrics.summarize``
-plus ``evaluation``: the settings and checkpoints used), ``predictions/<id>.nii.gz`` (uint8, the input's affine).
+plus ``evaluation``: the settings and checkpoints used), ``predictions/<id>.nii.gz`` (uint8, the input's affine),
+``overlays.png`` and ``dice_per_case.png`` (``engine.figures``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from tcurlora_seg.data.layouts import load_cases
 from tcurlora_seg.data.splits import SPLITS
 from tcurlora_seg.data.transforms import label_mapping
+from tcurlora_seg.engine.figures import case_slices, plot_dice_per_case, plot_overlays
 from tcurlora_seg.engine.inference import Segmenter, select_checkpoints, voxel_spacing, write_mask
 from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize, write_metrics_csv
 from tcurlora_seg.engine.run import load_run_config
@@ -46,6 +48,16 @@ def load_reference(path: str | os.PathLike, cfg_data: dict[str, Any]) -> tuple[n
         chain.append(mt.MapLabelValue(orig_labels=mapping[0], target_labels=mapping[1]))
     label = mt.Compose(chain)(os.fspath(path))
     return np.rint(label.numpy()[0]).astype(np.int16), voxel_spacing(label.affine)
+
+
+def _slices(case_id: str, dice: float, image: str, reference: np.ndarray, mask: np.ndarray):
+    """The case's overlay slices, from the image file (its first channel) on the label's grid; None when the
+    image's grid differs from the label's (the data check allows it only for resampling configs)."""
+    volume = mt.LoadImage(image_only=True)(image).numpy()
+    volume = volume[..., 0] if volume.ndim == 4 else volume
+    if volume.shape != reference.shape:
+        return None
+    return case_slices(case_id, dice, volume, reference, mask)
 
 
 def _cases(cfg_data: dict[str, Any], split: str, run_dir: Path) -> list[dict[str, Any]]:
@@ -72,6 +84,7 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
     out_dir: str | os.PathLike | None = None,
+    figures: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split``; write ``eval/`` files, print the Markdown table, return the summary.
 
@@ -86,6 +99,7 @@ def evaluate_run(
         device: auto | cpu | cuda | cuda:N for the windows; volumes are stitched on the CPU.
         progress: a tqdm bar on stderr.
         out_dir: where the files go (default ``run_dir/eval``).
+        figures: write ``overlays.png`` and ``dice_per_case.png``.
     """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -96,17 +110,20 @@ def evaluate_run(
 
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    per_case = []
+    per_case, slices = [], []
     bar = tqdm(cases, desc=f"eval {split}", unit="case", disable=not progress)
     for case in bar:
         mask, _ = segmenter.segment(case["image"])
         reference, spacing = load_reference(case["label"], cfg_data)
         result = case_metrics(mask, reference, spacing, segmenter.num_classes, case_id=case["id"])
         per_case.append(result)
-        bar.set_postfix(dice=f"{np.mean([m['Dice'] for m in result['metrics'].values()]):.1f}")
+        dice = float(np.mean([m["Dice"] for m in result["metrics"].values()]))
+        bar.set_postfix(dice=f"{dice:.1f}")
+        image = case["image"] if isinstance(case["image"], str) else case["image"][0]
         if save_predictions:
-            image = case["image"] if isinstance(case["image"], str) else case["image"][0]
             write_mask(out / "predictions" / f"{case['id']}.nii.gz", mask, image)
+        if figures:
+            slices.append(_slices(case["id"], dice, image, reference, mask))
 
     summary = summarize(per_case)
     summary["evaluation"] = {
@@ -124,5 +141,11 @@ def evaluate_run(
     }
     write_metrics_csv(out / "metrics.csv", per_case)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if figures:
+        title = f"{run_dir.name}: {cfg.peft.name}, checkpoint {'+'.join(names)}, {split} split ({len(per_case)} cases)"
+        plot_overlays([c for c in slices if c is not None], out / "overlays.png", title)
+        plot_dice_per_case([str(c["id"]) for c in per_case],
+                           [float(np.mean([m["Dice"] for m in c["metrics"].values()])) for c in per_case],
+                           out / "dice_per_case.png", title)
     print(markdown_table(summary), end="")
     return summary
