@@ -36,7 +36,8 @@ log = logging.getLogger("tcurlora_seg")
 def _resume_target(cfg: DictConfig, new_dir: Path) -> Path | None:
     """The run folder to continue, or None for a new run in ``new_dir`` (Hydra's folder for this call).
 
-    ``trainer.resume``: true continues ``trainer.run_dir`` (default: the latest run under outputs/); auto continues
+    ``trainer.resume``: true continues ``trainer.run_dir`` (default: ``new_dir`` when it holds a run, e.g. a fixed
+    ``hydra.run.dir``, else the latest run under outputs/); auto continues
     ``trainer.run_dir`` (default: ``new_dir``, e.g. a requeued SLURM job's own folder) when it holds checkpoints/last.pt
     and else starts a new run; false starts a new run and refuses a folder that already holds one.
     """
@@ -55,8 +56,10 @@ def _resume_target(cfg: DictConfig, new_dir: Path) -> Path | None:
         target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else new_dir
         if not (target / last).is_file():
             return None
-    else:
-        target = Path(cfg.trainer.run_dir) if cfg.trainer.run_dir else latest_run("outputs")
+    elif cfg.trainer.run_dir:
+        target = Path(cfg.trainer.run_dir)
+    else:  # a fixed hydra.run.dir that holds a run is the one to continue, else the latest under outputs/
+        target = new_dir if (new_dir / last).is_file() else latest_run("outputs")
     if target.resolve() != new_dir.resolve() and not (new_dir / "config.yaml").exists():
         shutil.rmtree(new_dir, ignore_errors=True)  # Hydra's fresh folder for this call: the run continues elsewhere
     return target

@@ -31,6 +31,12 @@ def test_fixed_run_folder_is_refused_continued_or_started(tmp_path, official_dat
     assert "already finished its 1 epochs" in auto.stderr + auto.stdout
     assert snapshot(run) == before
 
+    # resume=true with that folder as hydra.run.dir continues it, although outputs/ holds no run at all
+    assert not (tmp_path / "outputs").exists()
+    true = train(tmp_path, *args, "trainer.resume=true")
+    assert true.returncode == 0 and "already finished its 1 epochs" in true.stderr + true.stdout, true.stderr[-2000:]
+    assert snapshot(run) == before
+
 
 def test_unknown_resume_mode_is_one_line(tmp_path, official_dataset):
     result = train(tmp_path, *tiny_run(official_dataset, "trainer.resume=maybe", f"hydra.run.dir={tmp_path / 'r'}"))
