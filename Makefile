@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install test train eval bench clean
+.PHONY: install test train eval export bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ train: install
 
 eval: install
 	$(PY) -m tcurlora_seg.evaluate $(if $(RUN),run_dir=$(RUN)) $(ARGS)
+
+# a MONAI Bundle of a run (the latest under outputs/ without RUN=): make export RUN=... OUT=bundles/mine
+export: install
+	$(PY) -m tcurlora_seg.export $(if $(RUN),run_dir=$(RUN)) out=$(or $(OUT),bundle) $(ARGS)
 
 bench: install
 	$(PY) scripts/bench_adapters.py $(ARGS)
