@@ -17,13 +17,14 @@ plus ``evaluation``: the settings and checkpoints used), ``predictions/<id>.nii.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from monai import transforms as mt
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from tcurlora_seg.data.layouts import load_cases
@@ -35,7 +36,7 @@ from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize,
 from tcurlora_seg.engine.run import load_run_config
 from tcurlora_seg.errors import UserError
 
-__all__ = ["evaluate_run", "load_reference"]
+__all__ = ["evaluate_run", "load_reference", "check_eval_protocol", "evaluate_after_training", "before_after_table"]
 
 GRID = "label file grid as stored (predictions inverted from the model grid with MONAI Invertd when data.orientation/spacing resample)"
 
@@ -149,3 +150,43 @@ def evaluate_run(
                            out / "dice_per_case.png", title)
     print(markdown_table(summary), end="")
     return summary
+
+
+def check_eval_protocol(cfg: DictConfig) -> tuple[int, float]:
+    """``trainer.eval_average_last`` and ``trainer.eval_min_component_mm3``, checked before training rather than after
+    it (an average over more epochs than training keeps would only fail at the end). Runs from before these keys: 1, 0."""
+    trainer = cfg.trainer
+    k, min_mm3 = trainer.get("eval_average_last", 1), trainer.get("eval_min_component_mm3", 0)
+    keep = trainer.get("keep_last_epochs", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UserError(f"trainer.eval_average_last={k!r}: use 1 (the best checkpoint) or K > 1 (the last K epochs; paper: 4)")
+    if k > 1 and k > keep:
+        raise UserError(f"trainer.eval_average_last={k} needs the last {k} epochs, but trainer.keep_last_epochs={keep} "
+                        f"keeps fewer: raise trainer.keep_last_epochs to {k} or lower trainer.eval_average_last")
+    if isinstance(min_mm3, bool) or not isinstance(min_mm3, (int, float)) or not 0 <= min_mm3 < float("inf"):
+        raise UserError(f"trainer.eval_min_component_mm3={min_mm3!r}: use 0 (keep every component) or a volume in mm³ "
+                        "(paper: 1000)")
+    return k, float(min_mm3)
+
+
+def evaluate_after_training(cfg: DictConfig, run_dir: Path) -> None:
+    """The test split with the best checkpoint (and, when kept, the model before fine-tuning, for comparison), by the
+    protocol of `make eval` with ``trainer.eval_average_last`` and ``trainer.eval_min_component_mm3``."""
+    average_last, min_mm3 = check_eval_protocol(cfg)
+    before = None
+    if (run_dir / "checkpoints" / "pretrained.pt").is_file():
+        logging.getLogger("tcurlora_seg").info("evaluating the model before fine-tuning (zero adapter = the pretrained source model)")
+        before = evaluate_run(run_dir, checkpoint="pretrained", min_component_mm3=min_mm3, out_dir=run_dir / "eval_pretrained",
+                              save_predictions=False, progress=bool(cfg.trainer.progress))
+    after = evaluate_run(run_dir, average_last=average_last, min_component_mm3=min_mm3, progress=bool(cfg.trainer.progress))
+    if before is not None:
+        print(before_after_table(before, after))
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    """The test split's foreground-mean Dice and HD95 before fine-tuning (zero-shot), after, and the change."""
+    rows = [f"{'test (foreground mean)':<24}{'before (zero-shot)':>20}{'after':>10}{'change':>10}"]
+    for key, unit in (("Dice", "%"), ("HD95", "mm")):
+        b, a = before["foreground_mean"][key], after["foreground_mean"][key]
+        rows.append(f"{key + ' ' + unit:<24}{b:>20.2f}{a:>10.2f}{a - b:>+10.2f}")
+    return "\n".join(rows)

@@ -19,6 +19,7 @@ fingerprint. The base itself is rebuilt from ``config.model`` (and ``model.pretr
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from tcurlora_seg.adapters import apply_adapter, load_adapter, load_adapter_state_dict, merged_state_dict
 from tcurlora_seg.adapters.files import ADAPTER_CONFIG, is_adapter_folder
 from tcurlora_seg.errors import UserError
+from tcurlora_seg.models.checkpoint import save_checkpoint
 from tcurlora_seg.models.unetr import LoadReport, build_unetr, load_checkpoint, load_pretrained
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "adapter_folder",
     "restore_model",
     "vit_change",
+    "export_merged",
     "latest_run",
 ]
 
@@ -185,6 +188,14 @@ def vit_change(run_dir: str | os.PathLike, which: str = "best") -> float:
     moved = sum(float((after[k].double() - before[k].double()).square().sum()) for k in keys)
     size = sum(float(before[k].double().square().sum()) for k in keys)
     return 100.0 * (moved / size) ** 0.5
+
+
+def export_merged(model, cfg: DictConfig, path: str) -> Path:
+    """The merged model as a plain UNETR checkpoint (usable as model.pretrained of a later run)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    out = save_checkpoint(Path(path), {"model": merged_state_dict(model), "config": config})
+    logging.getLogger("tcurlora_seg").info(f"exported the merged model to {out}")
+    return out
 
 
 def latest_run(root: str | os.PathLike = "outputs") -> Path:
