@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tcurlora_seg.compare import collect, constants, tables
+from tcurlora_seg.compare import sweeps as sweeping  # (tests name their sweep dicts `sweeps`)
 from tests.conftest import write_official_dataset
 from tests.run_helpers import load_script, terminal_sigint
 
@@ -21,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "compare.py"
 
 
-compare = load_script("compare")
+compare = load_script("compare")  # the entry point; its parts are in tcurlora_seg.compare
 
 
 def run_compare(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -66,7 +68,7 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
         assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"{stem} (" in result.stdout  # the tables are printed
     rows = read_csv(out / "comparison.csv")
-    assert [r["method"] for r in rows] == ["decoder_only", "tcurlora"] and list(rows[0]) == compare.FIELDS
+    assert [r["method"] for r in rows] == ["decoder_only", "tcurlora"] and list(rows[0]) == constants.FIELDS
     for row in rows:
         assert 0 <= float(row["dice"]) <= 100 and float(row["hd95"]) >= 0
         assert float(row["adapter_mb"]) > 0 and float(row["step_time_s"]) > 0 and float(row["peak_memory_mb"]) > 0
@@ -78,38 +80,8 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     header = (out / "comparison.md").read_text().splitlines()[0]
     assert all(h in header for h in ["method", "trainable params (M)", "adapter MB", "Dice %", "Δ Dice vs decoder-only",
                                      "above decoder-only", "HD95 mm", "ViT change %", "s/step", "peak MB", "n seeds"])
-    assert float(rows[1][compare.PAIRED]) == pytest.approx(float(rows[1]["dice"]) - float(rows[0]["dice"]))
+    assert float(rows[1][constants.PAIRED]) == pytest.approx(float(rows[1]["dice"]) - float(rows[0]["dice"]))
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
-
-    # the same call again: every run finished earlier, none trains; a run stopped in its test evaluation only evaluates
-    args = ["--jobs", "2", "--methods", "decoder_only", "tcurlora", "--seeds", "0", "1", "--no-ablation", "--out", str(out),
-            "--", *tiny_overrides(root)]
-    again = run_compare(tmp_path, *args)
-    assert again.returncode == 0 and "4 runs finished earlier" in again.stdout and ": done in" not in again.stdout
-    assert read_csv(out / "comparison.csv") == rows
-    summaries = {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval/summary.json")}
-    (out / "runs" / "3_tcurlora" / "eval" / "summary.json").unlink()
-    third = run_compare(tmp_path, *args)
-    assert third.returncode == 0 and "3 runs finished earlier" in third.stdout and third.stdout.count(": done in") == 1
-    log = (out / "logs" / "runs_3.log").read_text()
-    assert "already finished" in log and "best validation Dice" not in log  # evaluated, not trained again
-    assert (out / "runs" / "3_tcurlora" / "eval" / "summary.json").is_file()
-    assert {p.parent.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/eval/summary.json")
-            if p.parent.parent.name != "3_tcurlora"} == {k: v for k, v in summaries.items() if k != "3_tcurlora"}
-    assert read_csv(out / "comparison.csv") == rows
-
-
-def test_parallel_runs_evaluate_the_zero_shot_model_once_per_seed(tmp_path, monkeypatch):
-    commands = []
-    monkeypatch.setattr(compare.subprocess, "run", lambda command, **kw: commands.append(command)
-                        or subprocess.CompletedProcess(command, 0))
-    sweeps = {"runs": compare.comparison_overrides(["decoder_only", "lora", "tcurlora"], [0, 1], "demo")}
-    compare.run_parallel(sweeps, [], tmp_path, jobs=2)
-    skips = sorted((compare._value(c, "seed"), compare._value(c, "peft"), "trainer.evaluate_pretrained=false" in c)
-                   for c in commands)
-    assert skips == [("0", "decoder_only", False), ("0", "lora", True), ("0", "tcurlora", True),
-                     ("1", "decoder_only", False), ("1", "lora", True), ("1", "tcurlora", True)]
-    assert all("trainer.resume=auto" in c for c in commands)
 
     ablation = read_csv(out / "ablation.csv")
     # one factor at a time: ranks 1 and 8 with all tensors, then attention only at rank 1; rank 8 with all tensors is
@@ -118,7 +90,7 @@ def test_parallel_runs_evaluate_the_zero_shot_model_once_per_seed(tmp_path, monk
         ("tcurlora", "1", "attn+mlp_up+mlp_down"), ("tcurlora", "8", "attn+mlp_up+mlp_down"), ("tcurlora", "1", "attn")}
     shared = next(r for r in ablation if r["rank"] == "8")
     assert shared == next(r for r in rows if r["method"] == "tcurlora") and "/runs/" in shared["run_dir"]
-    assert len(compare.run_folders(out / "ablation")) == 2
+    assert len(collect.run_folders(out / "ablation")) == 2
     table = table_rows((out / "ablation.md").read_text())
     assert [row[:2] for row in table] == [["1", "attn"], ["1", "attn+mlp_up+mlp_down"], ["8", "attn+mlp_up+mlp_down"]]
 
@@ -206,11 +178,11 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
         ("tcurlora", 85.0, "", 2.7e6, 10.0, None, 800, 2.0),  # empty CSV cell and missing stat: left out of the mean
         ("tcurlora", None, None, 2.7e6, 10.0, 0.4, None, None),  # cut off before its evaluation: not one of the n seeds
     ]]
-    lora, tcur = compare.aggregate(rows, ["method"])
+    lora, tcur = collect.aggregate(rows, ["method"])
     assert (lora["method"], lora["n"], tcur["n"]) == ("lora", 2, 1)
     assert lora["dice"] == pytest.approx((82.0, math.sqrt(8.0)))  # sample std (ddof=1) over seeds
     assert tcur["dice"][0] == 85.0 and math.isnan(tcur["dice"][1]) and math.isnan(tcur["hd95"][0])
-    table = compare.markdown([lora, tcur], ["method"])
+    table = tables.markdown([lora, tcur], ["method"])
     lora_row, tcur_row = table_rows(table)
     # no decoder-only runs to pair with: the paired columns are empty
     # no lrs in these rows (runs from before optim.adapter_lr): "–"
@@ -223,22 +195,22 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
 def test_ablation_groups_sweep_is_a_hydra_list_sweep():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = compare.ablation_overrides([1, 2], ["attn", "mlp", "all"], [0], "demo")
+    overrides = sweeping.ablation_overrides([1, 2], ["attn", "mlp", "all"], [0], "demo")
     parsed = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(overrides)}
     assert list(parsed["peft.groups"].sweep_iterator()) == [["attn"], ["mlp_up", "mlp_down"], ["attn", "mlp_up", "mlp_down"]]
     assert list(parsed["peft.rank"].sweep_iterator()) == [1, 2]
 
 
 def test_ablation_is_one_factor_at_a_time_unless_grid():
-    sweeps = compare.ablation_sweeps([1, 8], ["attn", "mlp", "all"], [0, 1], "demo", groups_rank=8, grid=False)
+    sweeps = sweeping.ablation_sweeps([1, 8], ["attn", "mlp", "all"], [0, 1], "demo", groups_rank=8, grid=False)
     assert list(sweeps) == ["rank", "groups"]
     assert "peft.rank=1,8" in sweeps["rank"] and "peft.groups=[attn,mlp_up,mlp_down]" in sweeps["rank"]
     # (all, 8) already ran in the rank sweep
     assert "peft.rank=8" in sweeps["groups"] and "peft.groups=[attn],[mlp_up,mlp_down]" in sweeps["groups"]
     # a groups rank outside the rank sweep needs all three settings
-    assert "peft.groups=[attn],[mlp_up,mlp_down],[attn,mlp_up,mlp_down]" in compare.ablation_sweeps(
+    assert "peft.groups=[attn],[mlp_up,mlp_down],[attn,mlp_up,mlp_down]" in sweeping.ablation_sweeps(
         [1], ["attn", "mlp", "all"], [0], "demo", groups_rank=8, grid=False)["groups"]
-    grid = compare.ablation_sweeps([1, 8], ["attn", "all"], [0], "demo", groups_rank=8, grid=True)
+    grid = sweeping.ablation_sweeps([1, 8], ["attn", "all"], [0], "demo", groups_rank=8, grid=True)
     assert list(grid) == ["grid"] and "peft.rank=1,8" in grid["grid"] and "peft.groups=[attn],[attn,mlp_up,mlp_down]" in grid["grid"]
 
 
@@ -273,12 +245,12 @@ def test_each_method_runs_at_the_lr_with_the_best_validation_dice_never_the_best
     ]
     for i, (method, seed, lr, val, dice) in enumerate(runs):
         fake_run(tmp_path / "runs" / f"{i}_{method}", method, dice, seed, optim={"adapter_lr": lr}, val=val, zero_shot=30.0 + seed)
-    compare.report(tmp_path)
+    tables.report(tmp_path)
     rows = read_csv(tmp_path / "comparison.csv")
     chosen = {(r["method"], r["seed"], r["adapter_lr"]) for r in rows if r["selected"] == "True"}
     assert {c for c in chosen if c[0] == "lora"} == {("lora", "0", "0.01"), ("lora", "1", "0.01"), ("lora", "2", "0.01")}
     assert {c for c in chosen if c[0] == "tcurlora"} == {("tcurlora", "0", "0.01")}
-    assert compare.tuning_seeds([r for r in rows if r["method"] == "lora"], "adapter_lr") == {"0", "1"}  # not seed 2
+    assert collect.tuning_seeds([r for r in rows if r["method"] == "lora"], "adapter_lr") == {"0", "1"}  # not seed 2
     assert float(next(r for r in rows if r["method"] == "lora" and r["seed"] == "0" and r["adapter_lr"] == "0.001")["val_dice"]) == 70.0
     table = {row[0]: row for row in table_rows((tmp_path / "comparison.md").read_text())}
     header = [c.strip() for c in (tmp_path / "comparison.md").read_text().splitlines()[0].strip("|").split("|")]
@@ -292,11 +264,11 @@ def test_the_zero_shot_row_is_in_every_table_and_each_method_is_paired_with_it(t
     for seed, (zero, ref, tcur) in enumerate([(80.0, 60.0, 62.0), (81.0, 70.0, 69.0)]):
         fake_run(tmp_path / "runs" / f"{seed}_decoder_only", "decoder_only", ref, seed, zero_shot=zero)
         fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", tcur, seed, {"rank": 8, "groups": ["attn"]}, zero_shot=zero)
-    compare.report(tmp_path)
+    tables.report(tmp_path)
     rows = read_csv(tmp_path / "comparison.csv")
     zero = [r for r in rows if r["method"] == "zero_shot"]
     assert [(r["seed"], float(r["dice"]), float(r["hd95"])) for r in zero] == [("0", 80.0, 50.0), ("1", 81.0, 50.0)]
-    tcur = {r["seed"]: float(r[compare.VS_ZERO_SHOT]) for r in rows if r["method"] == "tcurlora"}
+    tcur = {r["seed"]: float(r[constants.VS_ZERO_SHOT]) for r in rows if r["method"] == "tcurlora"}
     assert tcur == {"0": -18.0, "1": -12.0}  # below the untouched model: shown so
     header = [c.strip() for c in (tmp_path / "comparison.md").read_text().splitlines()[0].strip("|").split("|")]
     table = {row[0]: dict(zip(header, row)) for row in table_rows((tmp_path / "comparison.md").read_text())}
@@ -309,7 +281,7 @@ def test_runs_from_several_sweeps_are_collected_in_the_papers_order(tmp_path):
     """Methods split over two sweeps (e.g. two machines), their folders moved under one OUT/runs."""
     for sweep, job, method, dice in (("a", 0, "tcurlora", 12.0), ("b", 0, "full", 10.0), ("b", 1, "lora", 11.0)):
         fake_run(tmp_path / "runs" / sweep / f"{job}_demo_{method}", method, dice)
-    compare.report(tmp_path)
+    tables.report(tmp_path)
     assert [row[0] for row in table_rows((tmp_path / "comparison.md").read_text())] == ["full", "lora", "tcurlora"]
     assert {r["method"]: float(r["dice"]) for r in read_csv(tmp_path / "comparison.csv")} == {
         "full": 10.0, "lora": 11.0, "tcurlora": 12.0}
@@ -324,8 +296,8 @@ def test_dice_is_paired_with_decoder_only_of_the_same_seed(tmp_path):
             fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", tcur, seed, {"rank": 8, "groups": ["attn"]})
     fake_run(tmp_path / "runs" / "3_tcurlora", "tcurlora", 99.0, 3, {"rank": 8, "groups": ["attn"]})  # no partner
     fake_run(tmp_path / "ablation" / "rank" / "0_tcurlora", "tcurlora", 58.0, 0, {"rank": 1, "groups": ["attn"]})
-    compare.report(tmp_path)
-    paired = {(r["method"], r["seed"]): r[compare.PAIRED] for r in read_csv(tmp_path / "comparison.csv")}
+    tables.report(tmp_path)
+    paired = {(r["method"], r["seed"]): r[constants.PAIRED] for r in read_csv(tmp_path / "comparison.csv")}
     assert paired[("decoder_only", "0")] == "" and paired[("tcurlora", "3")] == ""
     assert float(paired[("lora", "1")]) == -1.0 and float(paired[("tcurlora", "1")]) == 0.5
     header, _, *body = (tmp_path / "comparison.md").read_text().splitlines()
@@ -336,44 +308,44 @@ def test_dice_is_paired_with_decoder_only_of_the_same_seed(tmp_path):
     assert rows["decoder_only"]["Δ Dice vs decoder-only"] == "–" and rows["tcurlora"]["n seeds"] == "3"
     # the ablation pairs with the comparison's decoder-only runs too
     ablation = {r["rank"]: r for r in read_csv(tmp_path / "ablation.csv") if r["seed"] == "0"}
-    assert float(ablation["1"][compare.PAIRED]) == -2.0 and float(ablation["8"][compare.PAIRED]) == 1.0
+    assert float(ablation["1"][constants.PAIRED]) == -2.0 and float(ablation["8"][constants.PAIRED]) == 1.0
 
 
 def test_ablation_leaves_out_and_takes_in_the_comparisons_tcurlora_runs(tmp_path):
-    sweeps = compare.ablation_sweeps([1, 2, 4, 8, 16], ["attn", "mlp", "all"], [0], "demo", groups_rank=8, grid=False,
+    sweeps = sweeping.ablation_sweeps([1, 2, 4, 8, 16], ["attn", "mlp", "all"], [0], "demo", groups_rank=8, grid=False,
                                      done=[(8, "all")])
     assert "peft.rank=1,2,4,16" in sweeps["rank"] and "peft.groups=[attn],[mlp_up,mlp_down]" in sweeps["groups"]
-    assert compare.comparison_setting("demo", []) == (8, "all")  # configs/peft/tcurlora.yaml
-    assert compare.comparison_setting("demo", ["peft.rank=4", "hydra.job.chdir=false"]) == (4, "all")
-    assert compare.comparison_setting("demo", ["peft.groups=[attn]"]) == (8, "attn")
-    assert compare.comparison_setting("demo", ["trainer.max_epoch=1"]) is None  # a typo: the runs report it
-    assert compare.comparison_setting("demo", ["peft.rank=eight"]) is None
+    assert sweeping.comparison_setting("demo", []) == (8, "all")  # configs/peft/tcurlora.yaml
+    assert sweeping.comparison_setting("demo", ["peft.rank=4", "hydra.job.chdir=false"]) == (4, "all")
+    assert sweeping.comparison_setting("demo", ["peft.groups=[attn]"]) == (8, "attn")
+    assert sweeping.comparison_setting("demo", ["trainer.max_epoch=1"]) is None  # a typo: the runs report it
+    assert sweeping.comparison_setting("demo", ["peft.rank=eight"]) is None
     all3 = {"groups": ["attn", "mlp_up", "mlp_down"]}
     for seed in (0, 1):
         fake_run(tmp_path / "runs" / f"{seed}_tcurlora", "tcurlora", 50.0 + seed, seed, {"rank": 8, **all3})
         fake_run(tmp_path / "runs" / f"{seed}_lora", "lora", 40.0, seed, {"rank": 32})
     fake_run(tmp_path / "ablation" / "rank" / "0_tcurlora", "tcurlora", 30.0, 0, {"rank": 1, **all3})
     fake_run(tmp_path / "ablation" / "rank" / "1_tcurlora", "tcurlora", 99.0, 1, {"rank": 8, **all3})  # ran twice
-    compare.report(tmp_path)
+    tables.report(tmp_path)
     rows = {(r["rank"], r["seed"]): float(r["dice"]) for r in read_csv(tmp_path / "ablation.csv")}
     assert rows == {("1", "0"): 30.0, ("8", "1"): 99.0, ("8", "0"): 50.0}  # the ablation's own run wins
 
 
 def test_expand_follows_hydras_sweep_order():
-    runs = compare.expand(["+experiment=demo", "seed=0,1", "peft=lora,tcurlora", "data.roi_size=[32,32,32]"])
+    runs = sweeping.expand(["+experiment=demo", "seed=0,1", "peft=lora,tcurlora", "data.roi_size=[32,32,32]"])
     assert runs == [["+experiment=demo", f"seed={s}", f"peft={m}", "data.roi_size=[32,32,32]"]
                     for s in (0, 1) for m in ("lora", "tcurlora")]
 
 
 def test_parallel_queue_is_seed_major_over_all_sweeps():
     # (the ablation's Hydra sweeps vary the seed fastest: its jobs 0 and 2 are seed 0)
-    sweeps = {"runs": compare.comparison_overrides(["lora", "tcurlora"], [0, 1], "demo"),
-              **{f"ablation/{k}": v for k, v in compare.ablation_sweeps([1, 8], ["attn", "all"], [0, 1], "demo", 8, False).items()}}
-    queue = compare.job_queue(sweeps)
+    sweeps = {"runs": sweeping.comparison_overrides(["lora", "tcurlora"], [0, 1], "demo"),
+              **{f"ablation/{k}": v for k, v in sweeping.ablation_sweeps([1, 8], ["attn", "all"], [0, 1], "demo", 8, False).items()}}
+    queue = sweeping.job_queue(sweeps)
     assert [(name, num) for name, num, _ in queue] == [
         ("runs", 0), ("runs", 1), ("ablation/rank", 0), ("ablation/rank", 2), ("ablation/groups", 0),
         ("runs", 2), ("runs", 3), ("ablation/rank", 1), ("ablation/rank", 3), ("ablation/groups", 1)]
-    assert [compare._value(run, "seed") for _, _, run in queue] == ["0"] * 5 + ["1"] * 5
+    assert [sweeping._value(run, "seed") for _, _, run in queue] == ["0"] * 5 + ["1"] * 5
     assert "peft.groups=[attn]" in queue[4][2] and "peft.rank=8" in queue[4][2]
 
 
@@ -412,11 +384,11 @@ def test_parallel_jobs_give_the_same_tables_as_one_sweep(tmp_path):
 
 def test_parallel_runs_evaluate_the_zero_shot_model_once_per_seed(tmp_path, monkeypatch):
     commands = []
-    monkeypatch.setattr(compare.subprocess, "run", lambda command, **kw: commands.append(command)
+    monkeypatch.setattr(sweeping.subprocess, "run", lambda command, **kw: commands.append(command)
                         or subprocess.CompletedProcess(command, 0))
-    sweeps = {"runs": compare.comparison_overrides(["decoder_only", "lora", "tcurlora"], [0, 1], "demo")}
-    compare.run_parallel(sweeps, [], tmp_path, jobs=2)
-    skips = sorted((compare._value(c, "seed"), compare._value(c, "peft"), "trainer.evaluate_pretrained=false" in c)
+    sweeps = {"runs": sweeping.comparison_overrides(["decoder_only", "lora", "tcurlora"], [0, 1], "demo")}
+    sweeping.run_parallel(sweeps, [], tmp_path, jobs=2)
+    skips = sorted((sweeping._value(c, "seed"), sweeping._value(c, "peft"), "trainer.evaluate_pretrained=false" in c)
                    for c in commands)
     assert skips == [("0", "decoder_only", False), ("0", "lora", True), ("0", "tcurlora", True),
                      ("1", "decoder_only", False), ("1", "lora", True), ("1", "tcurlora", True)]
@@ -465,9 +437,9 @@ def test_no_comparison_runs_only_the_ablation(tmp_path, monkeypatch):
         seen.update(sweeps)
         return []
 
-    monkeypatch.setattr(compare, "run_parallel", fake_parallel)
+    monkeypatch.setattr(sweeping, "run_parallel", fake_parallel)
     compare.main(["--no-comparison", "--jobs", "2", "--seeds", "0", "--out", str(tmp_path)])
-    assert list(seen) == ["ablation/rank", "ablation/groups", *(f"attribution/{name}" for name in compare.ATTRIBUTION)]
+    assert list(seen) == ["ablation/rank", "ablation/groups", *(f"attribution/{name}" for name in constants.ATTRIBUTION)]
     assert all("peft=tcurlora" in overrides for name, overrides in seen.items() if name.startswith("ablation/"))
     assert "peft.train_extra=[encoder1,encoder2,encoder3,encoder4]" in seen["attribution/tcurlora+skip_encoders"]
 
@@ -486,12 +458,12 @@ def test_parallel_first_run_gets_every_core_then_the_runs_share_them(tmp_path, m
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(compare.os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(compare.subprocess, "run", fake_run)
-    sweeps = {"runs": compare.comparison_overrides(["decoder_only", "tcurlora"], [0, 1], "demo")}
-    assert compare.run_parallel(sweeps, [], tmp_path, jobs=4) == []
+    monkeypatch.setattr(sweeping.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(sweeping.subprocess, "run", fake_run)
+    sweeps = {"runs": sweeping.comparison_overrides(["decoder_only", "tcurlora"], [0, 1], "demo")}
+    assert sweeping.run_parallel(sweeps, [], tmp_path, jobs=4) == []
     assert threads == ["8", "2", "2", "2"]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins for every run
     threads.clear()
-    compare.run_parallel(sweeps, [], tmp_path, jobs=4)
+    sweeping.run_parallel(sweeps, [], tmp_path, jobs=4)
     assert threads == ["3"] * 4

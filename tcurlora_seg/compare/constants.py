@@ -1,0 +1,47 @@
+"""What compare.py compares, and how its tables and CSVs are laid out: methods, ablation settings, columns."""
+
+from __future__ import annotations
+
+# The order of the paper's Table 1: references first, the rivals, tCURLoRA last.
+METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora"]
+RANKS = [1, 2, 4, 8, 16]
+GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_up", "mlp_down"]}
+# The paired baseline: every method trains the decoder as decoder-only does, plus its own part of the encoder, and
+# with common random numbers (the trainer reseeds after building the model; the training loader has a generator of
+# its own) a seed gives every method the same case order, crops and flips, so Dice minus decoder-only's Dice at the
+# same seed is the method's own effect (and, for methods that draw random numbers in their forward pass, such as
+# peft's LoHa and LoKr, that of their other ViT dropout masks).
+REFERENCE = "decoder_only"
+PAIRED = "dice_vs_decoder_only"
+# The pretrained source model itself, evaluated by every run on the same test split before it trains
+# (eval_pretrained/): one row per seed in every table, so that a method below it shows as such.
+ZERO_SHOT = "zero_shot"
+VS_ZERO_SHOT = "dice_vs_zero_shot"
+FIELDS = ["method", "setting", "rank", "groups", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
+          "hd95", "vit_change_pct", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb", "run_dir"]
+METRICS = ["trainable", "adapter_mb", "dice", PAIRED, VS_ZERO_SHOT, "hd95", "vit_change_pct", "step_time_s",
+           "peak_memory_mb"]
+# The default adapter-lr grid of --adapter-lrs with no values: 1e-4 ... 1e-1 in half decades.
+ADAPTER_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+# (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
+# The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
+# ("above decoder-only" is a count, "k/n seeds", not a mean.)
+_REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True),
+         ("Δ Dice vs decoder-only", PAIRED, 1, 2, True, True), ("above decoder-only", "above_reference"),
+         ("Δ Dice vs zero-shot", VS_ZERO_SHOT, 1, 2, True, True),
+         ("HD95 mm", "hd95", 1, 2, True),
+         ("ViT change %", "vit_change_pct", 1, 2, True), ("s/step", "step_time_s", 1, 3, True),
+         ("peak MB", "peak_memory_mb", 1, 0, True)]
+COLUMNS = {"comparison": [("lr", "lr_cell"), ("adapter lr", "adapter_lr_cell"),
+                          ("trainable params (M)", "trainable", 1e-6, 3, False), *_REST],
+           "ablation": [("trainable params", "trainable", 1, 0, False), *_REST]}
+COLUMNS["attribution"] = COLUMNS["comparison"]
+SWEEPS = {"runs": "comparison", "ablation": "ablation", "attribution": "attribution"}  # sweep folder -> output stem
+KEYS = {"comparison": ["method"], "ablation": ["rank", "groups"], "attribution": ["setting"]}
+# Where full fine-tuning's gain comes from: one frozen part at a time trains fully (peft.train_extra, at the decoder's
+# lr) on top of decoder-only or tCURLoRA; the table sets them beside the comparison's decoder-only and full runs.
+SKIP_ENCODERS = ["encoder1", "encoder2", "encoder3", "encoder4"]
+ATTRIBUTION = {"decoder_only+skip_encoders": ("decoder_only", SKIP_ENCODERS),
+               "decoder_only+patch_embedding": ("decoder_only", ["vit.patch_embedding"]),
+               "decoder_only+vit_blocks": ("decoder_only", ["vit.blocks"]),
+               "tcurlora+skip_encoders": ("tcurlora", SKIP_ENCODERS)}
