@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tcurlora_seg.models.checkpoint import atomic_write
+
 from . import adapter_state_dict, apply_adapter, load_adapter_state_dict
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "save_adapter", "write_adapter", "load_adapter", "read_adapter",
@@ -32,13 +34,6 @@ FORMAT = "tcurlora_seg.adapter/1"
 def _plain(value: Any) -> Any:
     """Options as JSON holds them (tuples become lists), so that a config read back compares equal."""
     return json.loads(json.dumps(value))
-
-
-def _write(path: Path, write) -> None:
-    """Atomically: a reader never sees half a file (a run killed mid-save keeps the previous adapter)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
@@ -56,7 +51,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, *, base_model_conf
 
 def write_adapter(state: dict, folder: str | os.PathLike, *, base_model_config: dict | None = None) -> Path:
     """``save_adapter`` from an ``adapter_state_dict`` (e.g. a training checkpoint's ``adapter``), without the model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from tcurlora_seg import __version__
 
@@ -72,9 +67,12 @@ def write_adapter(state: dict, folder: str | os.PathLike, *, base_model_config: 
         "package_version": __version__,
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    _write(folder / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    # atomically (atomic_write creates the folder), weights first: a reader never sees half a file, and a folder's config always has its weights
+    fix = "save the adapter again"
+    atomic_write(folder / ADAPTER_WEIGHTS, lambda f: f.write(save(tensors, metadata={"format": FORMAT})),
+                 what="adapter file", fix=fix)
+    atomic_write(folder / ADAPTER_CONFIG, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()),
+                 what="adapter file", fix=fix)
     return folder
 
 

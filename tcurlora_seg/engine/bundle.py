@@ -32,6 +32,7 @@ from tcurlora_seg.adapters import merged_state_dict
 from tcurlora_seg.engine.inference import DEFAULT_OVERLAP
 from tcurlora_seg.engine.run import load_run_config, restore_model
 from tcurlora_seg.errors import UserError
+from tcurlora_seg.models.checkpoint import atomic_write
 from tcurlora_seg.models.unetr import ARCH_KEYS
 
 __all__ = ["export_bundle", "inference_config", "metadata", "network_def", "preprocessing"]
@@ -182,13 +183,6 @@ def _readme(cfg: DictConfig, run_dir: Path, checkpoint: str, overlap: float) -> 
     ])
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def export_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str = "best",
                   overlap: float | None = None, version: str = "0.1.0", authors: str = "unknown",
                   copyright: str = "unknown", license: str = "") -> Path:
@@ -202,7 +196,8 @@ def export_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, *, checkpo
         raise UserError(f"out={out}: is the run folder or holds it; choose a new folder for the bundle")
     model, cfg, _ = restore_model(run_dir, checkpoint)
     state = merged_state_dict(model)
-    _atomic(out / "models" / "model.pt", lambda tmp: torch.save(state, tmp))
+    fix = "choose another out=, then export again"
+    atomic_write(out / "models" / "model.pt", lambda f: torch.save(state, f), what="bundle file", fix=fix)
     meta = metadata(cfg, run_dir, version=version, authors=authors, copyright=copyright)
     files = {
         out / "configs" / "metadata.json": json.dumps(meta, indent=2) + "\n",
@@ -213,7 +208,7 @@ def export_bundle(run_dir: str | os.PathLike, out: str | os.PathLike, *, checkpo
                                      "exporting to state them.\n"),
     }
     for path, text in files.items():
-        _atomic(path, lambda tmp, text=text: tmp.write_text(text))
+        atomic_write(path, lambda f, text=text: f.write(text.encode()), what="bundle file", fix=fix)
     print(f"bundle written to {out}\n  python -m monai.bundle run --config_file {out}/configs/inference.json "
           f"--meta_file {out}/configs/metadata.json --bundle_root {out} --input_dir IMAGES --output_dir MASKS",
           file=sys.stdout)

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic save, and a load that never runs pickled code.
+"""Checkpoint files: atomic save (``atomic_write``, for any file of a run), and a load that never runs pickled code.
 
 A checkpoint is a dict of tensors and plain Python values (our layout: ``{"model": state_dict, "config": {...}, ...}``).
 Loading always uses ``torch.load(..., weights_only=True)``: a file that needs arbitrary unpickling is refused.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tcurlora_seg.errors import UserError
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["atomic_write", "load_checkpoint", "save_checkpoint"]
 
 # Types that torch.load(weights_only=True) accepts without extra allow-listing.
 _PLAIN = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
@@ -50,22 +50,33 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically and return the path.
+    """Write ``payload`` to ``path`` atomically (:func:`atomic_write`) and return the path.
+
+    DictConfig, Path and numpy values are converted so that :func:`load_checkpoint` can read the file back.
+    """
+    payload = _plain(dict(payload), "payload")
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+_RERUN = "choose another hydra.run.dir, then rerun (trainer.resume=true continues a run from its last.pt)"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *, what: str = "checkpoint",
+                 fix: str = _RERUN) -> Path:
+    """``write(f)`` into a file that replaces ``path`` only once complete; returns the path.
 
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then replace ``path`` with
     ``os.replace``: a crash or an error mid-write leaves the previous file intact and no temporary file behind (a
     SIGKILL or power loss can leave one, ``.NAME.*.tmp``, which nothing reads). A failed write (disk full, folder
-    not writable) raises UserError naming the path.
-    DictConfig, Path and numpy values are converted so that :func:`load_checkpoint` can read the file back.
+    not writable) raises UserError naming ``what`` and the path, and ending in ``fix``.
     """
     path = Path(path)
-    payload = _plain(dict(payload), "payload")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,7 +86,7 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
             Path(tmp).unlink(missing_ok=True)
         cause = _os_error(err)
         if cause is not None:
-            raise _write_error(path, cause) from err
+            raise _write_error(path, cause, what, fix) from err
         raise
     return path
 
@@ -87,8 +98,8 @@ def _os_error(err: BaseException | None) -> OSError | None:
     return err
 
 
-def _write_error(path: Path, err: OSError) -> UserError:
-    """One line for a checkpoint that could not be written: why, what is left on disk, the fix."""
+def _write_error(path: Path, err: OSError, what: str, then: str) -> UserError:
+    """One line for a file that could not be written: why, what is left on disk, the fix."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         why, fix = "no space left on the device (disk full or quota)", f"free space on the disk of {path.parent}"
     elif err.errno == errno.EFBIG:
@@ -98,8 +109,7 @@ def _write_error(path: Path, err: OSError) -> UserError:
     else:
         why, fix = err.strerror or str(err) or type(err).__name__, f"check {path.parent}"
     left = "the previous file is unchanged" if path.is_file() else "nothing was written"
-    return UserError(f"checkpoint {path}: cannot write it ({why}); {left}; {fix} or choose another hydra.run.dir, then rerun "
-                     "(trainer.resume=true continues a run from its last.pt)")
+    return UserError(f"{what} {path}: cannot write it ({why}); {left}; {fix} or {then}")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
