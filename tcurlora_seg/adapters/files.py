@@ -24,7 +24,7 @@ from tcurlora_seg.models.checkpoint import atomic_write
 from . import adapter_state_dict, apply_adapter, load_adapter_state_dict
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "FORMAT", "save_adapter", "write_adapter", "load_adapter", "read_adapter",
-           "is_adapter_folder"]
+           "read_adapter_config", "is_adapter_folder"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,14 +76,12 @@ def write_adapter(state: dict, folder: str | os.PathLike, *, base_model_config: 
     return folder
 
 
-def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of an adapter folder; ValueError naming the file and the fix when either is missing or damaged."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_adapter_config(folder: str | os.PathLike) -> dict:
+    """The config of an adapter folder (its tensors not read); ValueError naming the file and the fix when either file
+    is missing or the config is damaged."""
     folder = Path(folder)
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
+    config_path = folder / ADAPTER_CONFIG
+    for path in (config_path, folder / ADAPTER_WEIGHTS):
         if not path.is_file():
             raise ValueError(f"{path} not found: point at a folder written by save_adapter (a run's adapter/)")
     try:
@@ -93,6 +91,16 @@ def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     if not isinstance(config, dict) or config.get("format") != FORMAT or not {"method", "options"} <= config.keys():
         raise ValueError(f"{config_path} is not a tcurlora_seg adapter config (format {FORMAT}); save the adapter again "
                          "with save_adapter")
+    return config
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter folder; ValueError naming the file and the fix when either is missing or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = read_adapter_config(folder)
+    weights_path = Path(folder) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:

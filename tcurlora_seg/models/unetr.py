@@ -171,10 +171,10 @@ def _unwrap(ckpt: dict[str, Any], path: str) -> tuple[Mapping[str, Any], str, di
 def _merged_adapter_folder(path: str) -> dict[str, torch.Tensor]:
     """An adapter folder as a plain UNETR state dict: the base it names rebuilt, the adapter loaded, ΔW merged."""
     from tcurlora_seg.adapters import load_adapter, merged_state_dict
-    from tcurlora_seg.adapters.files import ADAPTER_CONFIG, read_adapter
+    from tcurlora_seg.adapters.files import ADAPTER_CONFIG, read_adapter_config
 
-    try:
-        config, _ = read_adapter(path)
+    try:  # the config names the base; the tensors are read once, by load_adapter
+        config = read_adapter_config(path)
     except ValueError as err:
         raise UserError(f"model.pretrained={path}: {err}") from err
     base = dict(config.get("base_model_config") or {})
