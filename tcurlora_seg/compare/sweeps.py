@@ -96,14 +96,14 @@ def train_command(overrides: Sequence[str], extra: Sequence[str], folder: str) -
             *extra, folder]
 
 
-# Overrides that do not change what a run trains and measures: a finished run with other values of these is the
-# same run (compare.py sets them itself, or the user's launcher does)
-RUN_FREE = {"trainer.progress", "trainer.evaluate", "trainer.evaluate_pretrained", "trainer.resume",
-            "trainer.device", "data.num_workers"}
-
-
 def run_settings(overrides: Sequence[str]) -> set[str]:
-    return {o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUN_FREE and not o.startswith("hydra")}
+    """The overrides that say what a run trains and measures: a finished run with other values of the rest is the
+    same run. The rest: what a resumed run may change (``engine.resume.RESUME_FREE``: device, progress, ...) and
+    the test evaluation that compare.py adds itself."""
+    from tcurlora_seg.engine.resume import RESUME_FREE  # (the engine imports MONAI: not at compare.py's start)
+
+    free = RESUME_FREE | {"trainer.evaluate"}
+    return {o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in free and not o.startswith("hydra")}
 
 
 def finished_earlier(run_dir: Path, overrides: Sequence[str]) -> bool:
