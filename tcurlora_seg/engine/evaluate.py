@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from monai import transforms as mt
 from omegaconf import DictConfig, OmegaConf
@@ -51,14 +52,16 @@ def load_reference(path: str | os.PathLike, cfg_data: dict[str, Any]) -> tuple[n
     return np.rint(label.numpy()[0]).astype(np.int16), voxel_spacing(label.affine)
 
 
-def _slices(case_id: str, dice: float, image: str, reference: np.ndarray, mask: np.ndarray):
-    """The case's overlay slices, from the image file (its first channel) on the label's grid; None when the
-    image's grid differs from the label's (the data check allows it only for resampling configs)."""
+def _on_label_grid(image: str, reference: np.ndarray) -> bool:
+    """Whether the image file (header only) is on the label's grid: the overlays cut both at the same indices (the data
+    check allows other grids only for resampling configs)."""
+    return tuple(nib.load(image).shape[:3]) == reference.shape
+
+
+def _image_volume(image: str) -> np.ndarray:
+    """The image file as stored, its first channel."""
     volume = mt.LoadImage(image_only=True)(image).numpy()
-    volume = volume[..., 0] if volume.ndim == 4 else volume
-    if volume.shape != reference.shape:
-        return None
-    return case_slices(case_id, dice, volume, reference, mask)
+    return volume[..., 0] if volume.ndim == 4 else volume
 
 
 def _cases(cfg_data: dict[str, Any], split: str, run_dir: Path) -> list[dict[str, Any]]:
@@ -111,7 +114,7 @@ def evaluate_run(
 
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    per_case, slices = [], []
+    per_case, slices, images = [], [], {}
     bar = tqdm(cases, desc=f"eval {split}", unit="case", disable=not progress)
     for case in bar:
         mask, _ = segmenter.segment(case["image"])
@@ -123,8 +126,9 @@ def evaluate_run(
         image = case["image"] if isinstance(case["image"], str) else case["image"][0]
         if save_predictions:
             write_mask(out / "predictions" / f"{case['id']}.nii.gz", mask, image)
-        if figures:
-            slices.append(_slices(case["id"], dice, image, reference, mask))
+        if figures and _on_label_grid(image, reference):
+            slices.append(case_slices(case["id"], dice, reference, mask))
+            images[case["id"]] = image
 
     summary = summarize(per_case)
     summary["evaluation"] = {
@@ -144,7 +148,7 @@ def evaluate_run(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if figures:
         title = f"{run_dir.name}: {cfg.peft.name}, checkpoint {'+'.join(names)}, {split} split ({len(per_case)} cases)"
-        plot_overlays([c for c in slices if c is not None], out / "overlays.png", title)
+        plot_overlays(slices, out / "overlays.png", title, image_of=lambda c: _image_volume(images[c.case_id]))
         plot_dice_per_case([str(c["id"]) for c in per_case],
                            [float(np.mean([m["Dice"] for m in c["metrics"].values()])) for c in per_case],
                            out / "dice_per_case.png", title)

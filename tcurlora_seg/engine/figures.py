@@ -5,19 +5,20 @@
                              prediction in red
     eval/dice_per_case.png   foreground-mean Dice of every case, sorted, with the mean
 
-Only the three 2-D slices of each case are kept while the split is evaluated (not the volumes).
+Only the label's and the prediction's three 2-D slices of each case are kept while the split is evaluated (not the
+volumes); the image is read again for the few cases the figure shows.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CaseSlices", "case_slices", "plot_overlays", "plot_dice_per_case"]
+__all__ = ["CaseSlices", "case_slices", "with_image", "plot_overlays", "plot_dice_per_case"]
 
 PLANES = ("sagittal", "coronal", "axial")  # a slice across axis 0, 1, 2 of the array
 MAX_ROWS = 4
@@ -27,12 +28,13 @@ MAX_ROWS = 4
 class CaseSlices:
     case_id: str
     dice: float
-    image: list[np.ndarray]  # one 2-D slice per plane
-    label: list[np.ndarray]
+    centre: tuple[int, int, int]  # the slice index per plane
+    label: list[np.ndarray]  # one 2-D slice per plane
     pred: list[np.ndarray]
+    image: list[np.ndarray] | None = None  # cut only for the cases a figure shows (``with_image``)
 
 
-def case_slices(case_id: str, dice: float, image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> CaseSlices:
+def case_slices(case_id: str, dice: float, label: np.ndarray, pred: np.ndarray) -> CaseSlices:
     """Per plane, the slice with the most label voxels (the middle of the label's extent among equals; the volume's
     centre when the label is empty): with several lesions, the biggest cross-section rather than a gap between them."""
     centre = []
@@ -40,9 +42,17 @@ def case_slices(case_id: str, dice: float, image: np.ndarray, label: np.ndarray,
         area = (label > 0).sum(axis=tuple(a for a in range(3) if a != axis))
         best = np.flatnonzero(area == area.max()) if label.any() else [label.shape[axis] // 2]
         centre.append(int(best[len(best) // 2]))
-    cut = lambda a, axis: np.take(a, centre[axis], axis=axis)  # noqa: E731
-    return CaseSlices(case_id, float(dice), [cut(image, a).astype(np.float32) for a in range(3)],
-                      [cut(label, a) for a in range(3)], [cut(pred, a) for a in range(3)])
+    return CaseSlices(case_id, float(dice), tuple(centre), [_cut(label, centre, a) for a in range(3)],
+                      [_cut(pred, centre, a) for a in range(3)])
+
+
+def with_image(case: CaseSlices, image: np.ndarray) -> CaseSlices:
+    """``case`` with the image volume (on the label's grid) cut at its slices."""
+    return replace(case, image=[_cut(image, case.centre, a).astype(np.float32) for a in range(3)])
+
+
+def _cut(volume: np.ndarray, centre: Sequence[int], axis: int) -> np.ndarray:
+    return np.take(volume, centre[axis], axis=axis)
 
 
 def _pyplot():
@@ -63,12 +73,14 @@ def _chosen(cases: Sequence[CaseSlices]) -> list[tuple[CaseSlices, str]]:
     return [(c, marks.get(id(c), "")) for c in order]
 
 
-def plot_overlays(cases: Sequence[CaseSlices], path: str | os.PathLike, title: str) -> Path | None:
-    """``overlays.png``; None when there are no cases."""
+def plot_overlays(cases: Sequence[CaseSlices], path: str | os.PathLike, title: str,
+                  image_of: Callable[[CaseSlices], np.ndarray] | None = None) -> Path | None:
+    """``overlays.png``; None when there are no cases. ``image_of``: the image volume of a case without its image
+    slices, called for the shown cases only (an evaluation reads a few images again, not the whole split)."""
     if not cases:
         return None
     plt = _pyplot()
-    rows = _chosen(cases)
+    rows = [(case if case.image is not None else with_image(case, image_of(case)), mark) for case, mark in _chosen(cases)]
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
     for r, (case, mark) in enumerate(rows):
         for p, plane in enumerate(PLANES):
