@@ -1,4 +1,4 @@
-"""Parameter-efficient adapters for a MONAI UNETR, behind one registry.
+"""Parameter-efficient adapters for a MONAI UNETR or SwinUNETR (``backbones``), behind one registry.
 
 Named ``adapters`` so as not to be confused with HF ``peft`` (which the LoRA-family baselines use underneath).
 

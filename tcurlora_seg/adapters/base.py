@@ -1,4 +1,4 @@
-"""What every adapter method shares: which parts of a UNETR train, the base-model fingerprint, the layer protocol."""
+"""What every adapter method shares: which parts of the model train, the base-model fingerprint, the layer protocol."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .backbones import LINEARS, backbone_of
+
 __all__ = [
-    "DECODER",
     "VIT_LINEARS",
     "AdapterLayer",
     "freeze_for_adapter",
@@ -25,11 +26,9 @@ __all__ = [
     "options_dict",
 ]
 
-# UNETR's up-sampling path (DESIGN.md §1.4): trained fully by every PEFT method of the paper.
-DECODER = ("decoder2", "decoder3", "decoder4", "decoder5")
-
-# The ViT linears every matrix method adapts (paths inside ``vit.blocks.N``), the same weights tCURLoRA stacks.
-VIT_LINEARS = ("attn.qkv", "attn.out_proj", "mlp.linear1", "mlp.linear2")
+# The transformer linears every matrix method adapts, by UNETR's names (paths inside ``vit.blocks.N``; Swin UNETR's
+# ``attn.proj`` is called ``attn.out_proj``): the same weights tCURLoRA stacks.
+VIT_LINEARS = LINEARS
 
 
 class AdapterLayer(nn.Module):
@@ -92,16 +91,18 @@ def clear_forward_caches(model: nn.Module, args: tuple) -> None:
 
 
 def freeze_for_adapter(model: nn.Module, *, train_decoder: bool = True, train_out: bool = False) -> None:
-    """Freeze everything, then unfreeze ``decoder2..5`` and, if asked, the ``out`` head.
+    """Freeze everything, then unfreeze the decoder (UNETR ``decoder2..5``, Swin UNETR ``decoder1..5``) and, if asked,
+    the ``out`` head.
 
     The ``out`` head is frozen in the paper's code; it must train when the target's class count differs from the source.
     """
+    backbone = backbone_of(model)
     model.requires_grad_(False)
-    trainable = (DECODER if train_decoder else ()) + (("out",) if train_out else ())
+    trainable = (backbone.decoder if train_decoder else ()) + (("out",) if train_out else ())
     for name in trainable:
         module = getattr(model, name, None)
         if module is None:
-            raise ValueError(f"{type(model).__name__} has no `{name}` module: adapters expect a MONAI UNETR")
+            raise ValueError(f"{type(model).__name__} has no `{name}` module: adapters expect a MONAI {backbone.name}")
         module.requires_grad_(True)
 
 
@@ -157,8 +158,10 @@ def unfreeze(model: nn.Module, names: Sequence[str]) -> list[str]:
             module = model.get_submodule(name)
         except AttributeError:
             tops = [n for n, _ in model.named_children()]
+            transformer = backbone_of(model).transformer
+            dotted = [f"{transformer}.{n}" for n, _ in model.get_submodule(transformer).named_children()][:2]
             raise ValueError(f"peft.train_extra: {type(model).__name__} has no module {name!r}; name modules such as "
-                             f"{', '.join(tops)} or dotted ones (vit.patch_embedding, vit.blocks)") from None
+                             f"{', '.join(tops)} or dotted ones ({', '.join(dotted)})") from None
         module.requires_grad_(True)
     return names
 
@@ -166,15 +169,16 @@ def unfreeze(model: nn.Module, names: Sequence[str]) -> list[str]:
 def trainable_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(the method's own tensors, the head's) among the trainable parameters, for two optimizer groups.
 
-    The head is ``decoder2..5`` and ``out``, which every method trains alike, and the modules of ``train_extra``; the
-    method's own tensors are every other trainable parameter: tCURLoRA's / CURLoRA's U, peft's LoRA / DoRA / LoHa /
-    LoKr factors, LoRA-PT's factors and, under full fine-tuning, everything the other methods freeze (ViT, patch
-    embedding, encoder1..4). Decided by module, not by parameter name, so a new method needs no entry here. ``model``
-    may be wrapped (DDP: ``.module``).
+    The head is the decoder (``backbones``: UNETR ``decoder2..5``, Swin UNETR ``decoder1..5``) and ``out``, which every
+    method trains alike, and the modules of ``train_extra``; the method's own tensors are every other trainable
+    parameter: tCURLoRA's / CURLoRA's U, peft's LoRA / DoRA / LoHa / LoKr factors, LoRA-PT's factors and, under full
+    fine-tuning, everything the other methods freeze (transformer, patch embedding, skip encoders). Decided by module,
+    not by parameter name, so a new method needs no entry here. ``model`` may be wrapped (DDP: ``.module``).
     """
     base = getattr(model, "module", model)
     extra = (getattr(base, "adapter_config", None) or {}).get("options", {}).get("train_extra", [])
-    head = {id(p) for name in DECODER + ("out",) if hasattr(base, name) for p in getattr(base, name).parameters()}
+    decoder = backbone_of(base).decoder
+    head = {id(p) for name in decoder + ("out",) if hasattr(base, name) for p in getattr(base, name).parameters()}
     head |= {id(p) for name in extra for p in base.get_submodule(name).parameters()}
     trainable = [p for p in base.parameters() if p.requires_grad]
     return [p for p in trainable if id(p) not in head], [p for p in trainable if id(p) in head]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .backbones import linear_paths
 from .base import VIT_LINEARS, AdapterLayer, check_choices, check_rank, freeze_for_adapter, options_dict
 
 __all__ = ["CURLoRAConfig", "CURLinear", "apply_curlora"]
@@ -110,17 +111,12 @@ class CURLinear(AdapterLayer):
 
 
 def apply_curlora(model: nn.Module, **options) -> dict:
-    """Wrap the targeted ViT linears with ``CURLinear``; train U, ``decoder2..5`` (and ``out``); returns the options."""
+    """Wrap the targeted transformer linears with ``CURLinear``; train U, the decoder (and ``out``); returns the options."""
     config = CURLoRAConfig(**options)
     freeze_for_adapter(model, train_out=config.train_out)
-    blocks = getattr(getattr(model, "vit", None), "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `vit.blocks`: CURLoRA expects a MONAI UNETR")
-    for block in blocks:
-        for target in config.targets:
-            parent_path, _, attr = target.rpartition(".")
-            parent = block.get_submodule(parent_path)
-            linear = getattr(parent, attr)
-            chunks = 3 if target == "attn.qkv" and config.split_qkv else 1
-            setattr(parent, attr, CURLinear(linear, config.rank, chunks, config.selection))
+    for path in linear_paths(model, config.targets):
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        chunks = 3 if path.endswith(".attn.qkv") and config.split_qkv else 1
+        setattr(parent, attr, CURLinear(getattr(parent, attr), config.rank, chunks, config.selection))
     return options_dict(config)

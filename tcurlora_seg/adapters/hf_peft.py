@@ -1,7 +1,7 @@
 """What the HF-peft baselines (LoRA, DoRA, PiSSA, LoHa, LoKr) share: targets, injection, freezing.
 
 peft is imported inside the functions only: importing it pulls in transformers and costs seconds, and the tCURLoRA
-path never needs it. Layers are injected with ``peft.inject_adapter_in_model`` into the plain MONAI UNETR (no
+path never needs it. Layers are injected with ``peft.inject_adapter_in_model`` into the plain MONAI network (no
 ``PeftModel`` wrapper), so the model's own state-dict names, forward and our registry stay as they are.
 """
 
@@ -12,14 +12,16 @@ import sys
 
 from torch import nn
 
+from .backbones import linear_paths
 from .base import freeze_for_adapter
 
 __all__ = ["target_regex", "inject_peft", "peft_layers"]
 
 
-def target_regex(targets: tuple[str, ...]) -> str:
-    """A full-match regex for ``vit.blocks.N.<target>``: only the ViT linears, never a decoder or head module."""
-    return rf"vit\.blocks\.\d+\.({'|'.join(re.escape(t) for t in targets)})"
+def target_regex(model: nn.Module, targets: tuple[str, ...]) -> str:
+    """A full-match regex for exactly the linears ``targets`` (UNETR's names) of every transformer block of ``model``:
+    never a decoder, head, patch-merging or patch-embedding module."""
+    return "|".join(re.escape(path) for path in linear_paths(model, targets))
 
 
 def peft_layers(model: nn.Module) -> list[nn.Module]:
@@ -38,8 +40,6 @@ def inject_peft(model: nn.Module, peft_config, train_out: bool) -> list[nn.Modul
     """
     from peft import inject_adapter_in_model
 
-    if not hasattr(model, "vit"):
-        raise ValueError(f"{type(model).__name__} has no `vit`: peft baselines expect a MONAI UNETR")
     inject_adapter_in_model(peft_config, model)
     freeze_for_adapter(model, train_out=train_out)
     layers = peft_layers(model)

@@ -1,4 +1,4 @@
-"""LoHa through HF peft on the ViT linears of a MONAI UNETR (Hyeon-Woo et al., FedPara; LyCORIS).
+"""LoHa through HF peft on the transformer linears of a MONAI UNETR or SwinUNETR (Hyeon-Woo et al., FedPara; LyCORIS).
 
 ΔW = (alpha / r) · (W1a W1b) ⊙ (W2a W2b) (Hadamard product of two rank-r products, so rank(ΔW) ≤ r²); peft
 initialises W2b to zero: zero effect at init. Trainable per linear (in → out): 2·r·(in + out).
@@ -31,5 +31,5 @@ def apply_loha(model: nn.Module, **options) -> dict:
     from peft import LoHaConfig as PeftLoHaConfig
 
     config = LoHaConfig(**options)
-    inject_peft(model, PeftLoHaConfig(r=config.rank, alpha=config.alpha, target_modules=target_regex(config.targets)), config.train_out)
+    inject_peft(model, PeftLoHaConfig(r=config.rank, alpha=config.alpha, target_modules=target_regex(model, config.targets)), config.train_out)
     return options_dict(config)

@@ -1,4 +1,4 @@
-"""LoKr through HF peft on the ViT linears of a MONAI UNETR (LyCORIS' Kronecker adapter).
+"""LoKr through HF peft on the transformer linears of a MONAI UNETR or SwinUNETR (LyCORIS' Kronecker adapter).
 
 ΔW = (alpha / r) · W1 ⊗ W2 with out = a·b, in = c·d from peft's ``factorization(dim, factor)`` (``factor`` = -1:
 the two factors nearest √dim, e.g. 768 = 24·32, 2304 = 48·48, 3072 = 48·64). W1 (a × c) is full; W2 (b × d) is
@@ -40,7 +40,7 @@ def apply_lokr(model: nn.Module, **options) -> dict:
 
     config = LoKrConfig(**options)
     peft_config = PeftLoKrConfig(
-        r=config.rank, alpha=config.alpha, decompose_factor=config.factor, target_modules=target_regex(config.targets)
+        r=config.rank, alpha=config.alpha, decompose_factor=config.factor, target_modules=target_regex(model, config.targets)
     )
     inject_peft(model, peft_config, config.train_out)
     return options_dict(config)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .backbones import linear_paths
 from .base import VIT_LINEARS, check_choices, check_rank, options_dict
 from .hf_peft import inject_peft, target_regex
 
@@ -82,7 +83,7 @@ def _inject(model: nn.Module, config: LoRAConfig, **peft_options) -> list[nn.Mod
     from peft import LoraConfig
 
     peft_config = LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=target_regex(config.targets), **peft_options
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=target_regex(model, config.targets), **peft_options
     )
     return inject_peft(model, peft_config, config.train_out)
 
@@ -109,7 +110,7 @@ def apply_pissa(model: nn.Module, **options) -> dict:
     as the full one: loading never re-runs the SVD's result, only the file's.
     """
     config = PiSSAConfig(**options)
-    for path in _target_paths(model, config.targets):
+    for path in linear_paths(model, config.targets):
         linear = model.get_submodule(path)
         if isinstance(linear, nn.Linear) and config.rank > min(linear.weight.shape):
             raise ValueError(f"peft.rank={config.rank} exceeds min{tuple(linear.weight.shape)} of {path}; lower peft.rank")
@@ -118,11 +119,6 @@ def apply_pissa(model: nn.Module, **options) -> dict:
         layer.register_buffer("pissa_A0", layer.lora_A[_ADAPTER].weight.detach().clone())
         layer.register_buffer("pissa_B0", layer.lora_B[_ADAPTER].weight.detach().clone())
     return options_dict(config)
-
-
-def _target_paths(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    blocks = getattr(getattr(model, "vit", None), "blocks", [])
-    return [f"vit.blocks.{i}.{t}" for i in range(len(blocks)) for t in targets]
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """LoRA-PT (He, Cheng, Zhu & Yu, arXiv 2407.11292): train the principal t-SVD part of tCURLoRA's three tensors.
 
-Same three stacked tensors as tCURLoRA (``targets.group_targets`` / ``stack_group``: attention q/k/v/o, MLP up,
-MLP down; slices input × output). For each W̃ (n1, n2, n3), t-SVD per frequency of ``rfft(W̃)`` along the slices:
+Same stacked tensors as tCURLoRA (``targets.tensor_groups``: attention q/k/v/o, MLP up, MLP down, per stage
+on Swin UNETR; slices input × output). For each W̃ (n1, n2, n3), t-SVD per frequency of ``rfft(W̃)`` along the slices:
 Ŵ_f = Û_f Ŝ_f V̂_fᴴ, truncated to the top r singular triplets. In the spatial domain (what trains):
   U = irfft(Û_r) (n1, r, n3),  S = irfft(Ŝ_r) (r, r, n3, f-diagonal at init),  V = irfft(V̂_rᴴ) (r, n2, n3),
 so that U ∗ S ∗ V = the principal part P (exactly: the DC and Nyquist frequencies take a real SVD, so every
@@ -34,7 +34,7 @@ from .base import (
     freeze_for_adapter,
     options_dict,
 )
-from .targets import GROUPS, group_targets, stack_group
+from .targets import GROUPS, tensor_groups
 from .tensor_cur import apply_t_product_slices, circulant_roll, t_product, t_product_slices
 
 __all__ = ["LoRAPTConfig", "principal_tsvd", "LoRAPTGroup", "LoRAPTLinear", "apply_lora_pt", "restore_lora_pt_init"]
@@ -169,9 +169,7 @@ def apply_lora_pt(model: nn.Module, **options) -> dict:
     config = LoRAPTConfig(**options)
     freeze_for_adapter(model, train_out=config.train_out)
     groups = nn.ModuleDict()
-    for name in config.groups:
-        targets = group_targets(model, name)
-        group = LoRAPTGroup(stack_group(model, targets), config.rank)
+    for name, group, targets in tensor_groups(model, config.groups, lambda W: LoRAPTGroup(W, config.rank)):
         groups[name] = group
         principal = group.initial_principal()
         for target in targets:

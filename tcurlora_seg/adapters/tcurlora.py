@@ -1,7 +1,8 @@
-"""tCURLoRA on a MONAI UNETR: fixed tensor-CUR factors C and R, a trainable zero-initialised core U, ΔW = C ∗ U ∗ R.
+"""tCURLoRA on a MONAI UNETR or SwinUNETR: fixed tensor-CUR factors C and R, a trainable zero-initialised core U, ΔW = C ∗ U ∗ R.
 
 Shape of the code (after HF peft's VeRA): each tensor group (attention q/k/v/o, MLP up, MLP down) owns one
-``TensorCURGroup`` holding C, U and R once, registered on the model as ``model.tcur_groups[<group>]``; every wrapped
+``TensorCURGroup`` holding C, U and R once, registered on the model as ``model.tcur_groups[<group>]`` (Swin UNETR:
+one per group and stage, ``<group>_layers1`` ... ``<group>_layers4``, as the stages differ in width); every wrapped
 linear (``TCURLinear``) points to its group and knows which slices of the stacked tensor it is.
 
 Orientation (``TCURLoRAConfig.orientation``): the paper stacks slices as input × output (``y = x W``, "paper", default);
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .base import AdapterLayer, ForwardCachedGroup, clear_forward_caches, freeze_for_adapter
-from .targets import GROUPS, group_targets, stack_group
+from .targets import GROUPS, tensor_groups
 from .tensor_cur import (
     apply_t_product_slices,
     circulant_roll,
@@ -271,16 +272,18 @@ class _FusedLinear(torch.autograd.Function):
 
 
 def apply_tcurlora(model: nn.Module, **options) -> dict:
-    """Add tCURLoRA to a MONAI UNETR in place (see ``TCURLoRAConfig``); returns the resolved options.
+    """Add tCURLoRA to a MONAI UNETR or SwinUNETR in place (see ``TCURLoRAConfig``); returns the resolved options.
 
-    Freezes everything, then trains the U of each group, ``decoder2..5`` and, with ``train_out``, the ``out`` head.
+    Freezes everything, then trains the U of each tensor, the decoder (UNETR ``decoder2..5``, Swin UNETR
+    ``decoder1..5``) and, with ``train_out``, the ``out`` head. Adapter parameters: r² · Σ n3 over the tensors, i.e.
+    r² · 6 · L for a UNETR of L blocks (ViT-B, r = 8: 4,608) and r² · 6 · Σ depths for a Swin UNETR (depths 2-2-2-2,
+    r = 8: 3,072).
     """
     config = TCURLoRAConfig(**options)
     freeze_for_adapter(model, train_out=config.train_out)
     groups = nn.ModuleDict()
-    for name in config.groups:
-        targets = group_targets(model, name)
-        group = TensorCURGroup(stack_group(model, targets), config.rank, config.orientation)
+    for name, group, targets in tensor_groups(model, config.groups,
+                                              lambda W: TensorCURGroup(W, config.rank, config.orientation)):
         groups[name] = group
         for target in targets:
             parent_path, _, attr = target.path.rpartition(".")

@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tcurlora_seg.adapters import apply_adapter, load_adapter, load_adapter_state_dict, merged_state_dict
+from tcurlora_seg.adapters.backbones import backbone_of
 from tcurlora_seg.adapters.files import ADAPTER_CONFIG, is_adapter_folder
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.checkpoint import save_checkpoint
@@ -176,7 +177,7 @@ def restore_model(run_dir: str | os.PathLike, which: str = "best") -> tuple[torc
 
 def vit_change(run_dir: str | os.PathLike, which: str = "best") -> float:
     """How far fine-tuning moved the ViT: ‖W_tuned − W_start‖ / ‖W_start‖ (Frobenius, %) over the weight matrices of
-    every ViT block, with each method's update folded in (ΔW merged).
+    every transformer block (Swin UNETR: of every stage), with each method's update folded in (ΔW merged).
 
     W_start is the same config's model before training: every method starts at zero effect, so its merged weights
     are the pretrained ones. 0 for decoder-only; says whether an adapter changed the encoder at all in a budget.
@@ -184,7 +185,8 @@ def vit_change(run_dir: str | os.PathLike, which: str = "best") -> float:
     tuned, cfg, _ = restore_model(run_dir, which)
     start, _ = build_model(cfg)
     after, before = merged_state_dict(tuned), merged_state_dict(start)
-    keys = [k for k, w in before.items() if k.startswith("vit.blocks.") and k.endswith(".weight") and w.ndim == 2]
+    stages = tuple(f"{stage}." for stage in backbone_of(start).stages)  # the transformer blocks, every stage
+    keys = [k for k, w in before.items() if k.startswith(stages) and k.endswith(".weight") and w.ndim == 2]
     moved = sum(float((after[k].double() - before[k].double()).square().sum()) for k in keys)
     size = sum(float(before[k].double().square().sum()) for k in keys)
     return 100.0 * (moved / size) ** 0.5

@@ -15,11 +15,13 @@ from tcurlora_seg.adapters import (
     merge_adapter,
     unmerge_adapter,
 )
-from tcurlora_seg.adapters.base import DECODER, VIT_LINEARS, base_fingerprint
+from tcurlora_seg.adapters.backbones import BACKBONES
+from tcurlora_seg.adapters.base import VIT_LINEARS, base_fingerprint
 from tcurlora_seg.adapters.tensor_cur import t_product
 from tests.conftest import make_tiny_unetr
 
 L = 12
+DECODER = BACKBONES["unetr"].decoder
 METHODS = sorted(ADAPTERS)
 LAYERED = [m for m in METHODS if m not in ("full", "decoder_only")]
 PEFT = ("lora", "dora", "pissa", "loha", "lokr")
@@ -348,7 +350,7 @@ def test_curlora_selects_largest_norms_and_updates_by_c_u_r(tiny_unetr):
 def test_lora_pt_starts_from_the_principal_t_svd_part(tiny_unetr):
     from tcurlora_seg.adapters.targets import group_targets, stack_group
 
-    W = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up"))  # (48, 96, 12)
+    W = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up")["mlp_up"])  # (48, 96, 12)
     apply_adapter(tiny_unetr, "lora_pt", rank=4)
     group = tiny_unetr.lorapt_groups["mlp_up"]
     principal = t_product(group.lorapt_U, t_product(group.lorapt_S, group.lorapt_V)).detach()
@@ -356,7 +358,7 @@ def test_lora_pt_starts_from_the_principal_t_svd_part(tiny_unetr):
     Wf, Pf = torch.fft.rfft(W, dim=-1).permute(2, 0, 1), torch.fft.rfft(principal, dim=-1).permute(2, 0, 1)
     torch.testing.assert_close(torch.linalg.svdvals(Pf)[:, :4], torch.linalg.svdvals(Wf)[:, :4], atol=1e-4, rtol=1e-4)
     assert torch.linalg.svdvals(Pf)[:, 4:].max() < 1e-4
-    residual = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up"))
+    residual = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up")["mlp_up"])
     torch.testing.assert_close(residual + principal, W, atol=1e-5, rtol=1e-5)
 
 

@@ -88,7 +88,9 @@ def test_train_out_and_group_options_change_what_trains(tiny_unetr):
 
 
 def test_slice_mapping_splits_fused_qkv_in_q_k_v_order(tiny_unetr):
-    targets = group_targets(tiny_unetr, "attn")
+    tensors = group_targets(tiny_unetr, "attn")
+    assert list(tensors) == ["attn"]  # one stage: the tensor keeps the group's name
+    targets = tensors["attn"]
     assert [t.path for t in targets[:2]] == ["vit.blocks.0.attn.qkv", "vit.blocks.0.attn.out_proj"]
     assert targets[0].slices == (0, 1, 2) and targets[1].slices == (3,) and targets[-1].slices == (4 * L - 1,)
     W = stack_group(tiny_unetr, targets)
@@ -97,20 +99,20 @@ def test_slice_mapping_splits_fused_qkv_in_q_k_v_order(tiny_unetr):
     assert W.shape == (d, d, 4 * L)
     torch.testing.assert_close(W[:, :, 4 * 5 + 1], qkv[d : 2 * d].T)  # k of layer 5
     torch.testing.assert_close(W[:, :, 4 * 5 + 3], tiny_unetr.vit.blocks[5].attn.out_proj.weight.T)
-    up = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up"))
+    up = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up")["mlp_up"])
     assert up.shape == (48, 96, L)
 
 
 def test_adapted_linear_equals_base_plus_direct_t_product(tiny_unetr):
     """Every wrapped linear computes x W̃_k + x (C ∗ U ∗ R)_k, with C, R, ΔW computed here from the definition."""
-    pristine = {n: stack_group(tiny_unetr, group_targets(tiny_unetr, n)) for n in ("attn", "mlp_up", "mlp_down")}
+    pristine = {n: stack_group(tiny_unetr, group_targets(tiny_unetr, n)[n]) for n in ("attn", "mlp_up", "mlp_down")}
     apply_adapter(tiny_unetr, "tcurlora", rank=4)
     randomise_core(tiny_unetr, scale=0.3)
     x = torch.randn(2, 5, 96)
     for name, W in pristine.items():
         rows, cols = select_tensor_cur(W, 4)
         delta = tensor_cur_delta(W[:, cols], tiny_unetr.tcur_groups[name].tcur_U.detach(), W[rows])
-        for target in group_targets(tiny_unetr, name):
+        for target in group_targets(tiny_unetr, name)[name]:
             layer = tiny_unetr.get_submodule(target.path)
             for mode in ("factored", "materialized", "fused"):
                 layer.mode = mode
@@ -227,7 +229,7 @@ def test_load_refuses_adapter_of_another_base(tiny_unetr):
 
 
 def test_official_orientation_selects_on_the_stored_weights(tiny_unetr):
-    W = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up"))  # (48 in, 96 out, 12)
+    W = stack_group(tiny_unetr, group_targets(tiny_unetr, "mlp_up")["mlp_up"])  # (48 in, 96 out, 12)
     stored_rows, stored_cols = select_tensor_cur(W.transpose(0, 1), 4)  # rows = output features
     apply_adapter(tiny_unetr, "tcurlora", rank=4, orientation="official")
     group = tiny_unetr.tcur_groups["mlp_up"]
