@@ -83,7 +83,7 @@ def check_adapter_folder(run: Path, tmp_path: Path) -> None:
     model.pretrained=RUN/adapter starts a new run from the merged fine-tuned model."""
     from tcurlora_seg.adapters import merged_state_dict
     from tcurlora_seg.errors import UserError
-    from tcurlora_seg.models.unetr import build_unetr, load_pretrained
+    from tcurlora_seg.models import build_unetr, load_pretrained
 
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["method"] == "tcurlora" and config["base_model_config"]["img_size"] == [32, 32, 32]

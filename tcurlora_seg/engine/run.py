@@ -33,7 +33,7 @@ from tcurlora_seg.adapters.backbones import backbone_of
 from tcurlora_seg.adapters.files import ADAPTER_CONFIG, is_adapter_folder
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.checkpoint import save_checkpoint
-from tcurlora_seg.models.unetr import LoadReport, build_unetr, load_checkpoint, load_pretrained
+from tcurlora_seg.models import LoadReport, build_network, load_checkpoint, load_pretrained
 
 __all__ = [
     "FORMAT",
@@ -79,13 +79,13 @@ def _peft_options(cfg: DictConfig, report: LoadReport | None) -> tuple[str, dict
 
 
 def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.Module, LoadReport | None]:
-    """The UNETR of ``cfg.model``, its pretrained weights and ``cfg.peft``'s adapter (on CPU).
+    """The network of ``cfg.model`` (UNETR or Swin UNETR), its pretrained weights and ``cfg.peft``'s adapter (on CPU).
 
     Seeded with ``cfg.seed`` first: a base that is not loaded from a file (training from scratch) is then the same
     every time the run is rebuilt, so the adapter's base fingerprint still matches.
     """
     torch.manual_seed(int(cfg.seed))
-    model = build_unetr(cfg.model, img_size=OmegaConf.select(cfg, "data.roi_size"))  # errors name data.roi_size
+    model = build_network(cfg.model, img_size=OmegaConf.select(cfg, "data.roi_size"))  # errors name data.roi_size
     report = None
     if pretrained and cfg.model.get("pretrained"):
         report = load_pretrained(model, cfg.model.pretrained)

@@ -1,8 +1,37 @@
-"""UNETR construction, pretrained-weight loading and checkpoint files."""
+"""The segmentation networks (UNETR, Swin UNETR): construction from config, pretrained-weight loading, checkpoint files."""
 
 from __future__ import annotations
 
-from tcurlora_seg.models.checkpoint import load_checkpoint, save_checkpoint
-from tcurlora_seg.models.unetr import LoadReport, build_unetr, load_pretrained
+import os
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["LoadReport", "build_unetr", "load_checkpoint", "load_pretrained", "save_checkpoint"]
+from torch import nn
+
+from tcurlora_seg.errors import UserError
+from tcurlora_seg.models.checkpoint import load_checkpoint, save_checkpoint
+from tcurlora_seg.models.swin_unetr import build_swin_unetr, load_pretrained_swin
+from tcurlora_seg.models.unetr import LoadReport, build_unetr, load_pretrained_unetr
+
+__all__ = ["BUILDERS", "LoadReport", "build_network", "build_swin_unetr", "build_unetr", "load_checkpoint",
+           "load_pretrained", "save_checkpoint"]
+
+# model.backbone -> builder; a config without the key is a UNETR (configs and checkpoints written before Swin UNETR)
+BUILDERS = {"unetr": build_unetr, "swin_unetr": build_swin_unetr}
+
+
+def build_network(cfg_model: Mapping[str, Any], *, img_size: Any = None) -> nn.Module:
+    """The network ``cfg_model`` describes (``model.backbone``: unetr, the default, or swin_unetr), untrained."""
+    backbone = cfg_model.get("backbone") or "unetr"
+    if backbone not in BUILDERS:
+        raise UserError(f"model.backbone: {backbone!r} is not one of {', '.join(BUILDERS)}")
+    return BUILDERS[backbone](cfg_model, img_size=img_size)
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike, **options) -> LoadReport:
+    """Load a pretrained checkpoint into ``model`` in place, the loader of its backbone; returns the load report."""
+    from tcurlora_seg.adapters.backbones import backbone_of
+
+    if backbone_of(model).name == "swin_unetr":
+        return load_pretrained_swin(model, path, **options)
+    return load_pretrained_unetr(model, path, **options)

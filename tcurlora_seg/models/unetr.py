@@ -37,14 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["LoadReport", "build_unetr", "load_checkpoint", "load_pretrained", "save_checkpoint"]
+__all__ = ["LoadReport", "build_unetr", "load_checkpoint", "load_pretrained_unetr", "save_checkpoint"]
 
 # Keys handed to monai.networks.nets.UNETR as they are.
 ARCH_KEYS = (
     "in_channels", "out_channels", "feature_size", "hidden_size", "mlp_dim", "num_heads", "proj_type", "norm_name",
     "conv_block", "res_block", "dropout_rate", "qkv_bias",
 )  # fmt: skip
-_OTHER_KEYS = ("img_size", "patch_size", "name", "pretrained")
+_OTHER_KEYS = ("backbone", "img_size", "patch_size", "name", "pretrained")
 _PATCH = 16  # fixed inside MONAI's UNETR
 
 # Frozen by every adapter and needed for the pretrained features: strict by default.
@@ -89,6 +89,8 @@ def build_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | li
     unknown = sorted(k for k in cfg if k not in ARCH_KEYS + _OTHER_KEYS and not str(k).startswith("_"))
     if unknown:
         raise UserError(f"model.{unknown[0]}: unknown key; known keys are {', '.join(ARCH_KEYS + _OTHER_KEYS)}")
+    if cfg.get("backbone") not in (None, "unetr"):
+        raise UserError(f"model.backbone: {cfg['backbone']!r} is not a UNETR; build it with tcurlora_seg.models.build_network")
     for key in ("in_channels", "out_channels"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise UserError(f"model.{key}: expected a positive int, got {cfg.get(key)!r}")
@@ -169,7 +171,8 @@ def _unwrap(ckpt: dict[str, Any], path: str) -> tuple[Mapping[str, Any], str, di
 
 
 def _merged_adapter_folder(path: str) -> dict[str, torch.Tensor]:
-    """An adapter folder as a plain UNETR state dict: the base it names rebuilt, the adapter loaded, ΔW merged."""
+    """An adapter folder as a plain state dict: the base it names rebuilt (UNETR or Swin UNETR), the adapter loaded,
+    ΔW merged."""
     from tcurlora_seg.adapters import load_adapter, merged_state_dict
     from tcurlora_seg.adapters.files import ADAPTER_CONFIG, read_adapter_config
 
@@ -181,10 +184,12 @@ def _merged_adapter_folder(path: str) -> dict[str, torch.Tensor]:
     if not base:
         raise UserError(f"model.pretrained={path}: its {ADAPTER_CONFIG} names no base model (base_model_config); load it "
                         "with load_adapter onto its base, or export the merged model with export_model=")
+    from tcurlora_seg.models import build_network, load_pretrained  # either backbone
+
     img_size, seed = base.pop("img_size", None), base.pop("seed", None)
     if seed is not None:  # whatever the base's pretrained file does not hold, initialised as in the run
         torch.manual_seed(int(seed))
-    model = build_unetr(base, img_size=img_size)
+    model = build_network(base, img_size=img_size)
     if base.get("pretrained"):
         load_pretrained(model, base["pretrained"])
     try:
@@ -262,7 +267,7 @@ def _reset(model: torch.nn.Module, keys: list[str]) -> None:
             module.reset_parameters()
 
 
-def load_pretrained(model: UNETR, path: str | os.PathLike, *, strict_vit: bool = True) -> LoadReport:
+def load_pretrained_unetr(model: UNETR, path: str | os.PathLike, *, strict_vit: bool = True) -> LoadReport:
     """Load pretrained weights into ``model`` (in place) and report what happened.
 
     Args:
