@@ -195,3 +195,42 @@ def test_zero_adapter_lr_exports_the_pretrained_vit_bit_for_bit(tmp_path, offici
     vit = [k for k in source if k.startswith("vit.")]
     assert vit and all(torch.equal(merged[k], source[k]) for k in vit)
     assert not torch.equal(merged["decoder2.transp_conv.conv.weight"], source["decoder2.transp_conv.conv.weight"])
+
+
+def test_swin_unetr_trains_evaluates_and_exports_like_unetr(tmp_path, official_dataset):
+    """model=swin_unetr_tiny through the same entry point: a pretrained SwinUNETR, tCURLoRA per stage, evaluation,
+    the adapter folder, the merged export and the MONAI Bundle's network (a plain SwinUNETR)."""
+    from monai.bundle import ConfigParser
+    from omegaconf import OmegaConf
+
+    from tcurlora_seg.engine.bundle import export_bundle
+    from tcurlora_seg.models import build_network, load_pretrained
+
+    model_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "swin_unetr_tiny.yaml"))
+    torch.manual_seed(7)
+    source = tmp_path / "swin_source.pt"
+    torch.save({"model": build_network(model_cfg).state_dict(), "config": {"model": model_cfg}}, source)
+    args = [a for a in tiny_run(official_dataset) if not a.startswith(("data.roi_size", "model=", "trainer.max_epochs",
+                                                                      "trainer.epoch_length", "data.batch_size"))]
+    result = train(tmp_path, *args, "model=swin_unetr_tiny", "data.roi_size=[64,64,64]", f"model.pretrained={source}",
+                   "trainer.max_epochs=1", "trainer.epoch_length=1", "data.batch_size=1", "trainer.evaluate=true",
+                   "trainer.evaluate_pretrained=false", "peft.rank=4", f"export_model={tmp_path / 'merged.pt'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = only_run(tmp_path)
+    assert json.loads((run / "eval" / "summary.json").read_text())["evaluation"]["n_cases"] == 2
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_config"]["backbone"] == "swin_unetr" and config["base_model_config"]["img_size"] == [64] * 3
+    model, _, _ = restore_model(run, "adapter")
+    assert {f"attn_layers{i}" for i in range(1, 5)} <= set(model.tcur_groups)
+    assert model.tcur_groups["attn_layers1"].tcur_U.abs().sum() > 0  # trained
+    merged = torch.load(tmp_path / "merged.pt", weights_only=True)["model"]
+    again = build_network(model_cfg)
+    assert load_pretrained(again, run / "adapter").source_format == "adapter folder"
+    assert all(torch.equal(t, merged[k]) for k, t in again.state_dict().items())
+
+    bundle = export_bundle(run, tmp_path / "bundle")
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    network = parser.get_parsed_content("network_def")
+    assert type(network).__name__ == "SwinUNETR"
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))  # strict: the same network

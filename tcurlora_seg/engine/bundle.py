@@ -1,7 +1,7 @@
 """A fine-tuned run as a MONAI Bundle: the merged network, runnable with MONAI alone (no tcurlora_seg, no adapters).
 
     DIR/configs/metadata.json    the spec's keys; network_data_format says what goes in and comes out
-    DIR/configs/inference.json   network_def (a plain monai.networks.nets.UNETR), the run's own preprocessing (its
+    DIR/configs/inference.json   network_def (a plain MONAI UNETR or SwinUNETR), the run's own preprocessing (its
                                  test transforms, image only), sliding-window inferer, softmax, Invertd back onto each
                                  input's grid, argmax, SaveImaged: DIR-independent ids input_dir / output_dir
     DIR/models/model.pt          the merged state dict (ΔW folded in), a plain tensor dict
@@ -33,7 +33,7 @@ from tcurlora_seg.engine.inference import DEFAULT_OVERLAP
 from tcurlora_seg.engine.run import load_run_config, restore_model
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.checkpoint import atomic_write
-from tcurlora_seg.models.unetr import ARCH_KEYS
+from tcurlora_seg.models import architecture
 
 __all__ = ["export_bundle", "inference_config", "metadata", "network_def", "preprocessing"]
 
@@ -42,10 +42,11 @@ _AXIS_LABELS = [["L", "R"], ["P", "A"], ["I", "S"]]
 
 
 def network_def(cfg: DictConfig) -> dict[str, Any]:
-    """The run's UNETR as a bundle component: MONAI's class with the run's architecture keys."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    arch = {k: model[k] for k in ARCH_KEYS if k in model}
-    return {"_target_": "monai.networks.nets.UNETR", **arch, "img_size": [int(s) for s in cfg.data.roi_size]}
+    """The run's network as a bundle component: MONAI's class (UNETR or SwinUNETR) with the run's architecture keys."""
+    backbone, target, arch = architecture(OmegaConf.to_container(cfg.model, resolve=True))
+    if backbone == "unetr":  # UNETR's input size is part of the network; Swin UNETR takes any multiple of 32
+        arch["img_size"] = [int(s) for s in cfg.data.roi_size]
+    return {"_target_": target, **arch}
 
 
 def preprocessing(cfg_data: dict[str, Any]) -> dict[str, Any]:
@@ -122,7 +123,8 @@ def metadata(cfg: DictConfig, run_dir: Path, *, version: str, authors: str, copy
     roi = [int(s) for s in cfg.data.roi_size]
     classes = int(cfg.model.out_channels)
     names = {str(i): ("background" if i == 0 else f"label {i}") for i in range(classes)}
-    task = f"{run_dir.name}: {cfg.peft.name} fine-tuned UNETR, {classes - 1}-class MRI segmentation"
+    network = network_def(cfg)["_target_"].rsplit(".", 1)[1]  # UNETR or SwinUNETR
+    task = f"{run_dir.name}: {cfg.peft.name} fine-tuned {network}, {classes - 1}-class MRI segmentation"
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": version,
@@ -130,7 +132,7 @@ def metadata(cfg: DictConfig, run_dir: Path, *, version: str, authors: str, copy
         **_versions(),
         "name": f"tcurlora_seg {run_dir.name}",
         "task": task,
-        "description": (f"A MONAI UNETR fine-tuned with {cfg.peft.name} by tcurlora_seg, the adapter merged into the "
+        "description": (f"A MONAI {network} fine-tuned with {cfg.peft.name} by tcurlora_seg, the adapter merged into the "
                         "weights: a plain network. Input: one NIfTI scan per file; output: its label map on the "
                         "scan's own grid."),
         "authors": authors,
@@ -160,10 +162,11 @@ def _readme(cfg: DictConfig, run_dir: Path, checkpoint: str, overlap: float) -> 
               f"HD95 {mean['HD95']:.2f} mm (foreground mean, `eval/summary.json` of the run)." if mean
               else "The run was not evaluated (no `eval/summary.json`): run `make eval RUN=...` before exporting.")
     best = stats.get("best_val_dice")
+    network = network_def(cfg)["_target_"]
     return "\n".join([
         f"# {run_dir.name}", "",
-        f"A MONAI UNETR fine-tuned with **{cfg.peft.name}** by tcurlora_seg; the adapter is merged into the weights, "
-        "so this is a plain `monai.networks.nets.UNETR`.", "",
+        f"A MONAI {network.rsplit('.', 1)[1]} fine-tuned with **{cfg.peft.name}** by tcurlora_seg; the adapter is merged "
+        f"into the weights, so this is a plain `{network}`.", "",
         "## Data", "",
         f"`data.root`: `{cfg.data.get('root')}`; crops of {list(cfg.data.roi_size)} voxels, z-score over the non-zero "
         f"voxels{', reoriented to ' + str(cfg.data.orientation) if cfg.data.get('orientation') else ''}"

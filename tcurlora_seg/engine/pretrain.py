@@ -27,14 +27,17 @@ log = logging.getLogger("tcurlora_seg")
 def _source_mismatch(path: Path, cfg: DictConfig) -> list[str]:
     """The model keys in which ``path``'s own config (an export of ``pretrain_experiment``) differs from this run's
     model; [] when it fits. A file without a config (not made by the pretraining experiment) is left to the load."""
+    from tcurlora_seg.models import architecture
     from tcurlora_seg.models.checkpoint import load_checkpoint
-    from tcurlora_seg.models.unetr import ARCH_KEYS
 
     stored = load_checkpoint(path).get("config")
     if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
         return []
     ours = OmegaConf.to_container(cfg.model, resolve=True)
-    return [f"model.{key}: {stored['model'].get(key)!r} vs {ours.get(key)!r}" for key in ARCH_KEYS + ("img_size",)
+    (backbone, _, theirs), (own, _, arch) = architecture(stored["model"]), architecture(ours)
+    if backbone != own:
+        return [f"model.backbone: {backbone!r} vs {own!r}"]
+    return [f"model.{key}: {stored['model'].get(key)!r} vs {ours.get(key)!r}" for key in (*arch, *theirs, "img_size")
             if stored["model"].get(key) != ours.get(key)]
 
 
@@ -67,15 +70,15 @@ def ensure_pretrained(cfg: DictConfig) -> None:
         raise UserError(f"model.pretrained={path}: file not found; pass the source model's checkpoint (or model.pretrained=null to train from scratch)")
     else:
         log.info(f"{path} not found: pretraining it first with +experiment={experiment}")
-    from tcurlora_seg.models.unetr import ARCH_KEYS
+    from tcurlora_seg.models import architecture
 
     # pretrain for this run's architecture; channels and classes follow from the data, img_size from data.roi_size
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    architecture = [_override(f"model.{key}", model[key]) for key in ARCH_KEYS
-                    if key in model and key not in ("in_channels", "out_channels")]
+    _, _, arch = architecture(model)
+    overrides = [_override(f"model.{key}", value) for key, value in arch.items() if key not in ("in_channels", "out_channels")]
     command = [sys.executable, "-m", "tcurlora_seg.train", f"+experiment={experiment}", f"seed={cfg.seed}",
                f"trainer.device={cfg.trainer.device}", f"trainer.progress={cfg.trainer.progress}",
-               _override("data.roi_size", list(model["img_size"])), *architecture]
+               _override("data.roi_size", list(model["img_size"])), *overrides]
     # one process: under torchrun, rank 0 pretrains while the others wait, so torchrun's variables must not reach it
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     if subprocess.run(command, env=env).returncode != 0 or not Path(path).is_file():
