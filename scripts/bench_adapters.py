@@ -1,9 +1,10 @@
-"""Training-step time and peak memory of each fine-tuning method on the paper's ViT-B UNETR, side by side.
+"""Training-step time and peak memory of each fine-tuning method on the paper's ViT-B UNETR (or Swin UNETR), side by side.
 
     python scripts/bench_adapters.py                      # every method: 64³ batch 1 fp32 on CPU, and, when a GPU is
                                                           # present, also 128³ batch 4 (the paper's) with bf16 autocast
     python scripts/bench_adapters.py --crop 128 --batch 4 --device cuda --precision bf16   # one setting only
     python scripts/bench_adapters.py --methods decoder_only lora --steps 1 --warmup 0 --crop 32 --no-inference
+    python scripts/bench_adapters.py --model swin_unetr   # MONAI's Swin UNETR, feature 48 (configs/model/swin_unetr.yaml)
 
 On the CPU each method runs in its own subprocess, so that its peak memory (max RSS) is its own; on a GPU all run in
 this process (peak = max allocated since the method began, after the previous one's memory is freed), which saves
@@ -13,8 +14,9 @@ The JSON file is rewritten after every method ("complete": false until the last)
 Step time and peak memory are also given as ratios to decoder-only (and step time to the floor) from the same run.
 Methods:
   decoder_only         only decoder2..5 train; the ViT gets no gradient at all
-  floor                decoder_only + the position embedding trainable: the gradient is forced through every frozen
-                       ViT block, the physical limit for any adapter inside the ViT (DESIGN.md §1.5)
+  floor                decoder_only + the transformer's first tensor trainable (UNETR: position embedding; Swin UNETR:
+                       patch embedding): the gradient is forced through every frozen transformer block, the physical
+                       limit for any adapter inside the transformer (DESIGN.md §1.5)
   lora dora pissa      HF peft on the ViT linears, default options of tcurlora_seg.adapters (LoRA/DoRA r=32, PiSSA r=2,
   loha lokr            LoHa r=16, LoKr r=8)
   curlora lora_pt      matrix CURLoRA r=2; LoRA-PT r=8 (principal t-SVD of the three tensors)
@@ -40,12 +42,14 @@ from pathlib import Path
 
 import torch
 from monai.losses import DiceLoss
-from monai.networks.nets import UNETR
+from omegaconf import OmegaConf
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tcurlora_seg.adapters import ADAPTERS, apply_adapter, count_trainable, merge_adapter  # noqa: E402
+from tcurlora_seg.models import build_network  # noqa: E402
 
 METHODS = [
     "decoder_only", "floor", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt",
@@ -56,18 +60,20 @@ CPU_SETTING = {"crop": 64, "batch": 1, "device": "cpu", "precision": "fp32"}
 GPU_SETTING = {"crop": 128, "batch": 4, "device": "cuda", "precision": "bf16"}
 
 
-def paper_unetr(crop: int) -> UNETR:
-    """The paper's UNETR (DESIGN.md §2) at img_size = crop."""
-    return UNETR(
-        in_channels=1, out_channels=2, img_size=(crop,) * 3, feature_size=16, hidden_size=768, mlp_dim=3072,
-        num_heads=12, proj_type="conv", norm_name="instance", res_block=True, dropout_rate=0.1, qkv_bias=False,
-    )
+# --model -> configs/model/<name>.yaml, and the tensor that makes the floor's gradient cross every frozen block
+MODELS = {"unetr": "vit.patch_embedding.position_embeddings", "swin_unetr": "swinViT.patch_embed.proj.weight"}
 
 
-def prepare(method: str, model: UNETR, rank: int) -> UNETR:
+def network(name: str, crop: int) -> nn.Module:
+    """The paper's UNETR (DESIGN.md §2, configs/model/unetr.yaml) or Swin UNETR (feature 48) at a crop³ input."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / f"{name}.yaml"))
+    return build_network({**cfg, "img_size": [crop] * 3, "pretrained": None})
+
+
+def prepare(method: str, model: nn.Module, rank: int, name: str = "unetr") -> nn.Module:
     if method == "floor":
         apply_adapter(model, "decoder_only")
-        model.vit.patch_embedding.position_embeddings.requires_grad_(True)
+        model.get_parameter(MODELS[name]).requires_grad_(True)
     elif method.startswith("tcurlora-"):
         apply_adapter(model, "tcurlora", rank=rank, mode=method.split("-", 1)[1])
     elif method in ADAPTERS and method != "tcurlora":
@@ -106,7 +112,7 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     method = args.worker
-    model = paper_unetr(args.crop).to(device)
+    model = network(args.model, args.crop).to(device)
     x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
     y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
     result: dict = {"method": method}
@@ -125,7 +131,7 @@ def worker(args: argparse.Namespace) -> dict:
         result["ratio"] = result["merged_s"] / result["base_s"]
         return result
 
-    prepare(method, model, args.rank)
+    prepare(method, model, args.rank, args.model)
     model.train()
     loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5)
@@ -160,7 +166,7 @@ def run_worker(args: argparse.Namespace, method: str) -> dict:
     if args.device.startswith("cuda") and not args.subprocess:
         return in_process(args, method)
     cmd = [sys.executable, __file__, "--worker", method] + [
-        f"--{k}={v}" for k, v in (("crop", args.crop), ("batch", args.batch), ("device", args.device),
+        f"--{k}={v}" for k, v in (("model", args.model), ("crop", args.crop), ("batch", args.batch), ("device", args.device),
                                   ("precision", args.precision), ("rank", args.rank), ("steps", args.steps),
                                   ("warmup", args.warmup))
     ]
@@ -217,7 +223,8 @@ def report_of(args: argparse.Namespace, rows: list[dict], complete: bool) -> dic
                         r["mem_vs_decoder_only"] = r["peak_mb"] / by_name[ref]["peak_mb"]
     return {
         "complete": complete,
-        "settings": {k: getattr(args, k) for k in ("crop", "batch", "device", "precision", "rank", "steps", "warmup", "rounds")},
+        "settings": {k: getattr(args, k) for k in ("model", "crop", "batch", "device", "precision", "rank", "steps", "warmup",
+                                                    "rounds")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "results": rows,
@@ -226,7 +233,7 @@ def report_of(args: argparse.Namespace, rows: list[dict], complete: bool) -> dic
 
 def print_table(report: dict) -> None:
     s = report["settings"]
-    print(f"\n{s['crop']}³ crop, batch {s['batch']}, {s['device']}, {s['precision']}, median of {s['steps']} steps × {s.get('rounds', 1)} rounds")
+    print(f"\n{s.get('model', 'unetr')}, {s['crop']}³ crop, batch {s['batch']}, {s['device']}, {s['precision']}, median of {s['steps']} steps × {s.get('rounds', 1)} rounds")
     print("| method | trainable | step s | step vs decoder-only | step vs floor | peak MB | memory vs decoder-only |")
     print("|---|---|---|---|---|---|---|")
     nan = float("nan")
@@ -240,6 +247,8 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="unetr",
+                        help="unetr (the paper's ViT-B UNETR) or swin_unetr (MONAI's Swin UNETR, feature 48)")
     parser.add_argument("--crop", type=int, default=None, help="cube side (default: 64 on CPU, 128 on GPU)")
     parser.add_argument("--batch", type=int, default=None, help="default: 1 on CPU, 4 on GPU")
     parser.add_argument("--device", default=None, help="cpu | cuda[:N] (default: CPU, plus GPU when one is present)")
@@ -251,7 +260,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--subprocess", action="store_true", help="GPU: one process per method as on the CPU")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench_results/bench_<device>_<crop>_b<batch>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench_results/bench_[<model>_]<device>_<crop>_b<batch>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -260,7 +270,8 @@ def main() -> None:
     runs = settings(args)
     for setting in runs:
         run = argparse.Namespace(**{**vars(args), **setting})
-        out = args.out or REPO / "bench_results" / f"bench_{run.device.split(':')[0]}_{run.crop}_b{run.batch}.json"
+        model = "" if run.model == "unetr" else f"{run.model}_"
+        out = args.out or REPO / "bench_results" / f"bench_{model}{run.device.split(':')[0]}_{run.crop}_b{run.batch}.json"
         if args.out and len(runs) > 1:  # one file per setting
             out = out.with_name(f"{out.stem}_{run.device.split(':')[0]}{out.suffix}")
         report = run_all(run, out)  # written after every method, the last time complete

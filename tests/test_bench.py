@@ -18,7 +18,7 @@ SCRIPT = REPO / "scripts" / "bench_adapters.py"
 
 
 def args_for(out: Path, methods: list[str]) -> argparse.Namespace:
-    return argparse.Namespace(crop=32, batch=1, device="cpu", precision="fp32", rank=2, steps=1, warmup=0, rounds=1,
+    return argparse.Namespace(model="unetr", crop=32, batch=1, device="cpu", precision="fp32", rank=2, steps=1, warmup=0, rounds=1,
                               methods=methods, no_inference=True, subprocess=False, out=out)
 
 
@@ -54,3 +54,20 @@ def test_bench_measures_each_method_on_the_paper_unetr(tmp_path):
     assert rows["tcurlora-auto"]["trainable"] - rows["decoder_only"]["trainable"] == 8 * 8 * (48 + 12 + 12)
     assert all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
     assert "| tcurlora-auto |" in result.stdout
+
+
+@pytest.mark.slow  # a 62 M-parameter network at 64³: about 1.5 min on 2 cores; run with -m slow
+def test_bench_measures_swin_unetr_with_its_own_floor(tmp_path):
+    """--model swin_unetr: MONAI's Swin UNETR (feature 48); the floor trains the patch embedding on top of
+    decoder-only, tCURLoRA its 3 tensors per stage, r² · 6 · Σ depths = 8² · 6 · 8 cores."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "--model", "swin_unetr", "--methods", "floor", "tcurlora-auto",
+                             "--crop", "64", "--steps", "1", "--warmup", "0", "--rounds", "1", "--no-inference",
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert report["settings"]["model"] == "swin_unetr" and "swin_unetr, 64³ crop" in result.stdout
+    patch_embedding = 48 * 1 * 2 * 2 * 2  # the floor's extra tensor (the patch embedding's weight)
+    assert rows["tcurlora-auto"]["trainable"] - (rows["floor"]["trainable"] - patch_embedding) == 8 * 8 * 6 * 8
