@@ -129,3 +129,39 @@ def test_a_run_from_before_the_two_groups_resumes_with_its_moments_in_place():
     assert [len(g["params"]) for g in new.param_groups] == [len(trainable_groups(model)[1]), len(trainable_groups(model)[0])]
     assert all(torch.equal(new.state[p]["exp_avg"], moments[id(p)]) for g in new.param_groups for p in g["params"])
     assert [g["lr"] for g in new.param_groups] == [1e-3, 1e-3]
+
+
+def loha_optimizer(optimizer_cls, adapter_weight_decay):
+    model = adapted("loha")
+    return model, optimizer_cls(param_groups(optim(adapter_lr=1e-2, adapter_weight_decay=adapter_weight_decay), model))
+
+
+def test_adam_coupled_decay_moves_lohas_gradient_free_factors_a_full_lr_step_towards_zero(volume):
+    """Why LoHa dies under the paper's Adam + L2: W2b = 0 leaves W1's factors without loss gradient, so the decay
+    term alone reaches Adam, which normalises it to a step of size lr, however small the weight decay."""
+    for decay, moved in ((1e-5, True), (0.0, False)):
+        model, optimizer = loha_optimizer(torch.optim.Adam, decay)
+        w1b = model.vit.blocks[0].mlp.linear1.hada_w1_b["default"]
+        before = w1b.detach().clone()
+        model(volume).square().mean().backward()
+        optimizer.step()
+        step = (w1b.detach() - before).abs()
+        if moved:  # towards zero by up to lr (less only where wd·p is near Adam's eps): the typical entry by ~lr
+            assert torch.all((w1b.detach() - before) * before.sign() < 0) and torch.all(step <= 1e-2 * (1 + 1e-6))
+            assert step.median() > 0.9e-2
+        else:
+            assert torch.all(step == 0)
+
+
+@pytest.mark.parametrize("optimizer_cls, decay, method, warned", [
+    (torch.optim.Adam, 1e-5, "loha", True), (torch.optim.Adam, 0.0, "loha", False),
+    (torch.optim.AdamW, 1e-5, "loha", False), (torch.optim.Adam, 1e-5, "lora", False),
+])
+def test_loha_under_coupled_decay_is_warned_about(caplog, optimizer_cls, decay, method, warned):
+    from tcurlora_seg.engine.trainer import warn_coupled_decay
+
+    model = adapted(method)
+    optimizer = optimizer_cls(param_groups(optim(adapter_weight_decay=decay), model))
+    with caplog.at_level("WARNING", logger="tcurlora_seg"):
+        warn_coupled_decay(OmegaConf.create({"peft": {"name": method}}), optimizer)
+    assert ("optim.adapter_weight_decay=0" in caplog.text) is warned
