@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 
 from tcurlora_seg.errors import UserError
 from tcurlora_seg.models.checkpoint import load_checkpoint
-from tcurlora_seg.models.unetr import LoadReport, _as_dict, _first, _img_size, _reset, _strip_prefixes, _unwrap
+from tcurlora_seg.models.unetr import LoadReport, _apply_load, _as_dict, _first, _strip_prefixes, _unwrap
 
 __all__ = ["SWIN_ARCH_KEYS", "build_swin_unetr", "load_pretrained_swin"]
 
@@ -181,15 +181,7 @@ def load_pretrained_swin(model: SwinUNETR, path: str | os.PathLike) -> LoadRepor
         raise UserError(f"checkpoint {path}: {len(mismatched)} transformer/encoder tensors do not fit the model: "
                         f"{_first(mismatched)}; model.feature_size/depths/num_heads/window_size/use_v2 must match the "
                         f"checkpoint ({_describe(state)})")
-    model.load_state_dict(to_load, strict=False)
-    report.loaded = [k for k in target if k in to_load]
-    _reset(model, report.reinitialised)
-    report.out_reinitialised = any(k.startswith("out.") for k in report.reinitialised)
-    head = "out.conv.conv.weight"
-    if report.out_reinitialised and head in state:
-        report.notes.append(f"Output head re-initialised for training: the checkpoint has {state[head].shape[0]} "
-                            f"classes, the model {target[head].shape[0]}.")
-    return report
+    return _apply_load(model, report, state, to_load)
 
 
 def _merging_name(module: torch.nn.Module | None) -> str:

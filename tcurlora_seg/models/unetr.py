@@ -339,11 +339,18 @@ def load_pretrained_unetr(model: UNETR, path: str | os.PathLike, *, strict_vit: 
             "feature_size/proj_type/qkv_bias must match the checkpoint (and data.roi_size = model.img_size)"
         )
 
+    return _apply_load(model, report, state, to_load)
+
+
+def _apply_load(model: torch.nn.Module, report: LoadReport, state: Mapping[str, torch.Tensor],
+                to_load: dict[str, torch.Tensor]) -> LoadReport:
+    """Load ``to_load`` (non-strict), re-initialise what ``report`` lists as reshaped, note a new class count."""
+    target = model.state_dict()
     model.load_state_dict(to_load, strict=False)
     report.loaded = [k for k in target if k in to_load]
     _reset(model, report.reinitialised)
     report.out_reinitialised = any(k.startswith("out.") for k in report.reinitialised)
-    head = "out.conv.conv.weight"
+    head = "out.conv.conv.weight"  # the same head in UNETR and Swin UNETR
     if report.out_reinitialised and head in state and head in target:
         report.notes.append(
             f"Output head re-initialised for training: the checkpoint has {state[head].shape[0]} classes, "

@@ -12,7 +12,6 @@ import torch
 from monai.networks.nets import SwinUNETR, UNETR
 
 from tcurlora_seg.adapters import (
-    ADAPTERS,
     adapter_layers,
     adapter_state_dict,
     apply_adapter,
