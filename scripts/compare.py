@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sweeps.update({f"ablation/{name}": [*overrides, *shared_overrides] for name, overrides in ablation.items()})
                 if args.attribution:
                     sweeps.update({f"attribution/{name}": [*overrides, *shared_overrides]
-                                   for name, overrides in attribution_sweeps(args.seeds, args.experiment).items()})
+                                   for name, overrides in attribution_sweeps(args.seeds, args.experiment, extra).items()})
             failed += launch(sweeps, extra, out, args.jobs)
     except KeyboardInterrupt:
         print(f"stopped by Ctrl-C; the runs that finished are in {out}: python scripts/compare.py "

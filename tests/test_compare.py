@@ -444,6 +444,16 @@ def test_no_comparison_runs_only_the_ablation(tmp_path, monkeypatch):
     assert "peft.train_extra=[encoder1,encoder2,encoder3,encoder4]" in seen["attribution/tcurlora+skip_encoders"]
 
 
+def test_attribution_trains_the_parts_of_the_experiments_backbone():
+    unetr, swin = (sweeping.attribution_sweeps([0], experiment) for experiment in ("demo", "demo_swin"))
+    assert set(unetr) == set(swin) == set(constants.ATTRIBUTION)
+    assert "peft.train_extra=[vit.blocks]" in unetr["decoder_only+vit_blocks"]
+    assert "peft.train_extra=[encoder1,encoder2,encoder3,encoder4,encoder10]" in swin["decoder_only+skip_encoders"]
+    assert "peft.train_extra=[swinViT.patch_embed]" in swin["decoder_only+patch_embedding"]
+    blocks = swin["decoder_only+vit_blocks"][2]
+    assert blocks == "peft.train_extra=[" + ",".join(f"swinViT.layers{i}.0.blocks" for i in range(1, 5)) + "]"
+
+
 def test_nothing_to_run_is_one_line_error(tmp_path):
     result = run_compare(tmp_path, "--no-comparison", "--no-ablation", "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.startswith("error: --no-comparison with --no-ablation")

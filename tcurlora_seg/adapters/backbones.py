@@ -39,6 +39,7 @@ class Backbone:
 
     name: str
     transformer: str  # trained only under full fine-tuning (or peft.train_extra)
+    patch_embedding: str  # the transformer's input projection: never adapted
     stages: tuple[str, ...]  # nn.ModuleList of transformer blocks, one per stage
     linears: tuple[tuple[str, str], ...]  # (UNETR's name, this backbone's path inside a block)
     decoder: tuple[str, ...]  # trained by every method
@@ -58,6 +59,7 @@ BACKBONES: dict[str, Backbone] = {
     "unetr": Backbone(
         name="unetr",
         transformer="vit",
+        patch_embedding="vit.patch_embedding",
         stages=("vit.blocks",),
         linears=tuple((n, n) for n in LINEARS),
         decoder=("decoder2", "decoder3", "decoder4", "decoder5"),
@@ -66,6 +68,7 @@ BACKBONES: dict[str, Backbone] = {
     "swin_unetr": Backbone(
         name="swin_unetr",
         transformer="swinViT",
+        patch_embedding="swinViT.patch_embed",
         stages=tuple(f"swinViT.layers{i}.0.blocks" for i in range(1, 5)),
         linears=(("attn.qkv", "attn.qkv"), ("attn.out_proj", "attn.proj"), ("mlp.linear1", "mlp.linear1"),
                  ("mlp.linear2", "mlp.linear2")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from tcurlora_seg.adapters.backbones import BACKBONES
+
 # The order of the paper's Table 1: references first, the rivals, tCURLoRA last.
 METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora"]
 RANKS = [1, 2, 4, 8, 16]
@@ -40,8 +42,15 @@ SWEEPS = {"runs": "comparison", "ablation": "ablation", "attribution": "attribut
 KEYS = {"comparison": ["method"], "ablation": ["rank", "groups"], "attribution": ["setting"]}
 # Where full fine-tuning's gain comes from: one frozen part at a time trains fully (peft.train_extra, at the decoder's
 # lr) on top of decoder-only or tCURLoRA; the table sets them beside the comparison's decoder-only and full runs.
-SKIP_ENCODERS = ["encoder1", "encoder2", "encoder3", "encoder4"]
-ATTRIBUTION = {"decoder_only+skip_encoders": ("decoder_only", SKIP_ENCODERS),
-               "decoder_only+patch_embedding": ("decoder_only", ["vit.patch_embedding"]),
-               "decoder_only+vit_blocks": ("decoder_only", ["vit.blocks"]),
-               "tcurlora+skip_encoders": ("tcurlora", SKIP_ENCODERS)}
+# Labels (sweep folders) are the same for both backbones; "vit_blocks" are the transformer's blocks (Swin: every stage).
+def attribution(backbone: str = "unetr") -> dict[str, tuple[str, list[str]]]:
+    """label -> (method, modules that train fully on top) for the backbone's parts (adapters.backbones)."""
+    parts = BACKBONES[backbone]
+    skip = list(parts.encoders)
+    return {"decoder_only+skip_encoders": ("decoder_only", skip),
+            "decoder_only+patch_embedding": ("decoder_only", [parts.patch_embedding]),
+            "decoder_only+vit_blocks": ("decoder_only", list(parts.stages)),
+            "tcurlora+skip_encoders": ("tcurlora", skip)}
+
+
+ATTRIBUTION = attribution("unetr")

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tcurlora_seg.compare.collect import collect_run, run_folders, select
-from tcurlora_seg.compare.constants import ADAPTER_LRS, ATTRIBUTION, GROUPS, REFERENCE
+from tcurlora_seg.compare.constants import ADAPTER_LRS, GROUPS, REFERENCE, attribution
 from tcurlora_seg.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]  # the repository: configs/ and the package for the runs
@@ -203,10 +203,13 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     return [name for name in sweeps if name in failed]
 
 
-def attribution_sweeps(seeds: Sequence[int], experiment: str) -> dict[str, list[str]]:
-    """One multirun per ATTRIBUTION setting, by sub-folder of ``attribution/``."""
-    return {label: [f"+experiment={experiment}", f"peft={method}", f"peft.train_extra={hydra_list(extra)}",
-                    f"seed={','.join(map(str, seeds))}"] for label, (method, extra) in ATTRIBUTION.items()}
+def attribution_sweeps(seeds: Sequence[int], experiment: str, extra: Sequence[str] = ()) -> dict[str, list[str]]:
+    """One multirun per attribution setting of the experiment's backbone (``constants.attribution``), by sub-folder
+    of ``attribution/``."""
+    cfg = run_config(experiment, extra)
+    backbone = (cfg.model.get("backbone") if cfg is not None else None) or "unetr"
+    return {label: [f"+experiment={experiment}", f"peft={method}", f"peft.train_extra={hydra_list(modules)}",
+                    f"seed={','.join(map(str, seeds))}"] for label, (method, modules) in attribution(backbone).items()}
 
 
 def has_validation(experiment: str, extra: Sequence[str]) -> bool:

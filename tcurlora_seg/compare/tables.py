@@ -7,8 +7,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from tcurlora_seg.adapters.backbones import BACKBONES
 from tcurlora_seg.compare.collect import _read_json, aggregate, pair_with_reference, pair_with_zero_shot, select, sweep_rows, zero_shot_rows
-from tcurlora_seg.compare.constants import ATTRIBUTION, COLUMNS, FIELDS, KEYS, METHODS, PAIRED, REFERENCE, SWEEPS, VS_ZERO_SHOT, ZERO_SHOT
+from tcurlora_seg.compare.constants import COLUMNS, FIELDS, KEYS, METHODS, PAIRED, REFERENCE, SWEEPS, VS_ZERO_SHOT, ZERO_SHOT, attribution
 from tcurlora_seg.compare.figures import plot_ablation, plot_comparison, plot_tuning
 from tcurlora_seg.errors import UserError
 
@@ -60,7 +61,8 @@ def report(out: Path) -> list[Path]:
         if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
             entries.sort(key=lambda e: (e["groups"] or "", int(e["rank"])))
         elif stem == "attribution":  # from decoder-only up to full
-            order = [ZERO_SHOT, REFERENCE, *("+".join([m, *extra]) for m, extra in ATTRIBUTION.values()), "full"]
+            settings = [setting for backbone in BACKBONES for setting in attribution(backbone).values()]
+            order = [ZERO_SHOT, REFERENCE, *("+".join([m, *extra]) for m, extra in settings), "full"]
             entries.sort(key=lambda e: order.index(e["setting"]) if e["setting"] in order else len(order))
         else:  # zero-shot, then the paper's order, also for runs collected from several sweeps (e.g. over machines)
             entries.sort(key=lambda e: ([ZERO_SHOT, *METHODS].index(e["method"]) if e["method"] in [ZERO_SHOT, *METHODS]

@@ -195,3 +195,16 @@ def test_training_the_whole_network_moves_every_core_and_no_frozen_weight():
     optimizer.step()
     assert all(not torch.equal(g.tcur_U, cores[n]) for n, g in model.tcur_groups.items())
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_train_extra_unfreezes_swin_parts_in_the_decoders_group():
+    from tcurlora_seg.adapters import trainable_groups
+
+    model = apply_adapter(tiny_swin(), "tcurlora", train_extra=["encoder10", "swinViT.patch_embed"])
+    own, head = trainable_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in head} == {*DECODER, "encoder10", "swinViT"}
+    assert all(names[id(p)].startswith("swinViT.patch_embed.") for p in head if names[id(p)].startswith("swinViT"))
+    assert {names[id(p)] for p in own} == {f"tcur_groups.{n}.tcur_U" for n in model.tcur_groups}
+    with pytest.raises(ValueError, match=r"no module 'vit.blocks'.*swinViT.patch_embed"):
+        apply_adapter(tiny_swin(), "decoder_only", train_extra=["vit.blocks"])
