@@ -8,6 +8,7 @@ from monai.losses import DiceLoss
 from omegaconf import OmegaConf
 
 from tcurlora_seg.adapters import apply_adapter
+from tcurlora_seg.adapters.base import clear_forward_caches
 from tcurlora_seg.engine.trainer import Autocast, with_precision
 from tcurlora_seg.errors import UserError
 from tests.conftest import make_tiny_unetr
@@ -88,3 +89,36 @@ def test_bf16_training_run_end_to_end(tmp_path, official_dataset):
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     u = last["adapter"]["state_dict"]["tcur_groups.attn.tcur_U"]
     assert u.dtype == torch.float32 and torch.isfinite(u).all() and u.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+def test_bf16_on_swin_unetr_runs_its_blocks_in_bf16_and_keeps_each_stages_u_fp32(mode):
+    """The same autocast path on Swin UNETR's windowed attention (the transformer alone, 32³): every stage's U and its
+    gradient stay fp32 and the gradient stays close to the fp32 one."""
+    from tests.adapters.test_swin import tiny_swin
+
+    model = apply_adapter(tiny_swin(), "tcurlora", rank=4, mode=mode)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for group in model.tcur_groups.values():
+            group.tcur_U.copy_(0.05 * torch.randn(group.tcur_U.shape, generator=generator))
+    seen = []
+    model.swinViT.layers2[0].blocks[0].mlp.linear1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def core_grads() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        clear_forward_caches(model, ())  # what model(x) does first; here the transformer is called directly
+        # a fixed random projection of every stage's output (its square would be constant: the outputs are normalised)
+        outputs = model.swinViT(x, model.normalize)
+        weights = [torch.randn(h.shape, generator=torch.Generator().manual_seed(4 + i)) for i, h in enumerate(outputs)]
+        sum((h.float() * w).mean() for h, w in zip(outputs, weights)).backward()
+        return {name: group.tcur_U.grad.clone() for name, group in model.tcur_groups.items()}
+
+    fp32 = core_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = core_grads()
+    assert seen == [torch.float32, torch.bfloat16]
+    for name, grad in bf16.items():
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        assert _relative(grad, fp32[name]) < 0.1, name
