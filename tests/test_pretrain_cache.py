@@ -82,3 +82,22 @@ def test_a_source_model_that_still_does_not_fit_after_pretraining_is_one_error(t
     with pytest.raises(UserError, match="model.hidden_size: 192 vs 384"):
         pretrain.ensure_pretrained(demo_cfg(tmp_path / "demo"))
     assert len(calls) == 1
+
+
+def test_a_model_that_cannot_build_fails_before_any_pretraining(tmp_path, pretraining, monkeypatch):
+    calls, _ = pretraining
+    monkeypatch.setattr(demo, "build_demo", lambda *a, **k: None)
+    cfg = demo_cfg(tmp_path / "demo", "model=swin_unetr_demo", "data.roi_size=[48,48,48]",
+                   f"data.pretrained={tmp_path / 'demo' / 'source_swin_unetr.pt'}", "data.pretrain_experiment=demo_swin_source")
+    with pytest.raises(UserError, match=r"data.roi_size: \[48, 48, 48\] must be a multiple of 32"):
+        pretrain.ensure_pretrained(cfg)
+    assert not calls
+
+
+def test_a_unetr_source_model_is_not_taken_for_a_swin_run(tmp_path):
+    """The cache compares backbones first: a UNETR file where a Swin source model is expected is pretrained again."""
+    source = tmp_path / "demo" / "source_swin_unetr.pt"
+    cfg = demo_cfg(tmp_path / "demo", "model=swin_unetr_demo", "data.roi_size=[64,64,64]", f"data.pretrained={source}",
+                   "data.pretrain_experiment=demo_swin_source")
+    write_source(source, OmegaConf.to_container(demo_cfg(tmp_path / "demo").model, resolve=True))  # a UNETR's config
+    assert pretrain._source_mismatch(source, cfg) == ["model.backbone: 'unetr' vs 'swin_unetr'"]

@@ -70,8 +70,10 @@ def ensure_pretrained(cfg: DictConfig) -> None:
         raise UserError(f"model.pretrained={path}: file not found; pass the source model's checkpoint (or model.pretrained=null to train from scratch)")
     else:
         log.info(f"{path} not found: pretraining it first with +experiment={experiment}")
-    from tcurlora_seg.models import architecture
+    from tcurlora_seg.models import architecture, build_network
 
+    # this run's model must build before minutes go into pretraining a source model for it (one error, not two)
+    build_network(cfg.model, img_size=OmegaConf.select(cfg, "data.roi_size"))
     # pretrain for this run's architecture; channels and classes follow from the data, img_size from data.roi_size
     model = OmegaConf.to_container(cfg.model, resolve=True)
     _, _, arch = architecture(model)
