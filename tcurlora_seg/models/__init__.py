@@ -13,13 +13,13 @@ from tcurlora_seg.models.checkpoint import load_checkpoint, save_checkpoint
 from tcurlora_seg.models.swin_unetr import SWIN_ARCH_KEYS, build_swin_unetr, load_pretrained_swin
 from tcurlora_seg.models.unetr import ARCH_KEYS, LoadReport, build_unetr, load_pretrained_unetr
 
-__all__ = ["BUILDERS", "LoadReport", "architecture", "build_network", "build_swin_unetr", "build_unetr", "load_checkpoint",
+__all__ = ["NETWORKS", "LoadReport", "architecture", "build_network", "build_swin_unetr", "build_unetr", "load_checkpoint",
            "load_pretrained", "save_checkpoint"]
 
-# model.backbone -> builder; a config without the key is a UNETR (configs and checkpoints written before Swin UNETR)
-BUILDERS = {"unetr": build_unetr, "swin_unetr": build_swin_unetr}
-# model.backbone -> (MONAI class, the keys handed to it as they are)
-NETWORKS = {"unetr": ("monai.networks.nets.UNETR", ARCH_KEYS), "swin_unetr": ("monai.networks.nets.SwinUNETR", SWIN_ARCH_KEYS)}
+# model.backbone -> (MONAI class, the keys handed to it as they are, builder); a config without the key is a UNETR
+# (configs and checkpoints written before Swin UNETR)
+NETWORKS = {"unetr": ("monai.networks.nets.UNETR", ARCH_KEYS, build_unetr),
+            "swin_unetr": ("monai.networks.nets.SwinUNETR", SWIN_ARCH_KEYS, build_swin_unetr)}
 
 
 def architecture(cfg_model: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]]:
@@ -27,14 +27,14 @@ def architecture(cfg_model: Mapping[str, Any]) -> tuple[str, str, dict[str, Any]
     backbone = cfg_model.get("backbone") or "unetr"
     if backbone not in NETWORKS:
         raise UserError(f"model.backbone: {backbone!r} is not one of {', '.join(NETWORKS)}")
-    target, keys = NETWORKS[backbone]
+    target, keys, _ = NETWORKS[backbone]
     return backbone, target, {k: cfg_model[k] for k in keys if k in cfg_model}
 
 
 def build_network(cfg_model: Mapping[str, Any], *, img_size: Any = None) -> nn.Module:
     """The network ``cfg_model`` describes (``model.backbone``: unetr, the default, or swin_unetr), untrained."""
-    backbone, _, _ = architecture(cfg_model)
-    return BUILDERS[backbone](cfg_model, img_size=img_size)
+    backbone, _, _ = architecture(cfg_model)  # checks model.backbone
+    return NETWORKS[backbone][2](cfg_model, img_size=img_size)
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike, **options) -> LoadReport:

@@ -37,8 +37,7 @@ from monai.networks.nets import SwinUNETR
 from omegaconf import DictConfig
 
 from tcurlora_seg.errors import UserError
-from tcurlora_seg.models.checkpoint import load_checkpoint
-from tcurlora_seg.models.unetr import LoadReport, _apply_load, _as_dict, _first, _strip_prefixes, _unwrap
+from tcurlora_seg.models.unetr import LoadReport, _apply_load, _as_dict, _first, _read_state
 
 __all__ = ["SWIN_ARCH_KEYS", "build_swin_unetr", "load_pretrained_swin"]
 
@@ -130,16 +129,9 @@ def load_pretrained_swin(model: SwinUNETR, path: str | os.PathLike) -> LoadRepor
     initialised and reported when it has none (the self-supervised encoder). A different ``out`` head (class count)
     is re-initialised and reported; so is any decoder tensor the file lacks.
     """
-    from tcurlora_seg.adapters.files import is_adapter_folder
-    from tcurlora_seg.models.unetr import _merged_adapter_folder
-
     path = os.fspath(path)
-    if is_adapter_folder(path):
-        state, source_format, config = _merged_adapter_folder(path), "adapter folder", None
-    else:
-        state, source_format, config = _unwrap(load_checkpoint(path), path)
-    state = _strip_prefixes(state)
-    report = LoadReport(path=path, source_format=source_format, checkpoint_config=config)
+    state, report = _read_state(path)
+    config = report.checkpoint_config
     renamed = _from_self_supervised(state)
     if renamed is not None:
         state = renamed

@@ -199,6 +199,18 @@ def _merged_adapter_folder(path: str) -> dict[str, torch.Tensor]:
     return merged_state_dict(model)
 
 
+def _read_state(path: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """The tensors of a checkpoint file or adapter folder (wrappers and ``module.`` prefixes removed) and a report
+    naming its format and stored config: the part every backbone's loader shares."""
+    from tcurlora_seg.adapters.files import is_adapter_folder
+
+    if is_adapter_folder(path):
+        state, source_format, config = _merged_adapter_folder(path), "adapter folder", None
+    else:
+        state, source_format, config = _unwrap(load_checkpoint(path), path)
+    return _strip_prefixes(state), LoadReport(path=path, source_format=source_format, checkpoint_config=config)
+
+
 def _strip_prefixes(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
@@ -279,16 +291,10 @@ def load_pretrained_unetr(model: UNETR, path: str | os.PathLike, *, strict_vit: 
     Raises:
         UserError: unreadable file, no matching keys, or (strict_vit) a backbone that does not fit the model.
     """
-    from tcurlora_seg.adapters.files import is_adapter_folder
-
     path = os.fspath(path)
-    if is_adapter_folder(path):
-        state, source_format, config = _merged_adapter_folder(path), "adapter folder", None
-    else:
-        state, source_format, config = _unwrap(load_checkpoint(path), path)
-    state = _strip_prefixes(state)
+    state, report = _read_state(path)
+    config = report.checkpoint_config
     target = model.state_dict()
-    report = LoadReport(path=path, source_format=source_format, checkpoint_config=config)
     note = _convert_patch_embedding(state, target)
     if note:
         report.notes.append(note)
