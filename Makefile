@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # The CPU wheel is the fast default; a torch already in the venv (e.g. a CUDA build) is kept.
 TORCH ?= torch==2.13.0
 ARGS ?=
+# test workers: one per core, at most 4 (each runs its tests on cores / workers threads; see tests/conftest.py)
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install test train eval export bench clean
 
@@ -15,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# loadgroup: tests that share an expensive module fixture (pytest.mark.xdist_group) run in one worker
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup $(ARGS)
 
 train: install
 	$(PY) -m tcurlora_seg.train $(ARGS)

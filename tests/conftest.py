@@ -1,11 +1,23 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from monai.networks.nets import UNETR
 
 # The tiny UNETR of the test suite (DESIGN: hidden 48, 3 heads, mlp 96, feature size 8, 32³); 12 blocks as always.
 TINY = dict(in_channels=1, out_channels=2, img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=3)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test``: one worker per core) each worker and the runs it starts get cores / workers
+    threads: two 2-thread torch processes on 2 cores spin-wait on each other 10-100x slower than one thread each."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def make_tiny_unetr(seed: int = 0, **overrides) -> UNETR:

@@ -62,6 +62,7 @@ def table_rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
 
 
+@pytest.mark.xdist_group("swept")  # the sweep both read runs once
 def test_compare_writes_csv_table_and_plot_per_sweep(swept):
     out, result = swept
     for stem in ("comparison", "ablation"):
@@ -148,6 +149,7 @@ def test_adapter_lr_tuning_needs_validation_cases(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "data.split.val" in result.stderr
 
 
+@pytest.mark.xdist_group("swept")  # the sweep both read runs once
 def test_collect_only_rereads_the_runs_without_training(swept):
     out, _ = swept
     before = read_csv(out / "comparison.csv")

@@ -58,6 +58,9 @@ def run_folders(cwd: Path) -> list[Path]:
     return [p.parent for p in (cwd / "outputs").glob("**/config.yaml") if p.parent.name != ".hydra"]
 
 
+pytestmark = pytest.mark.xdist_group("distributed")  # the two launches the tests compare run once
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("ddp")

@@ -18,6 +18,7 @@ from tests.run_helpers import REPO, make_dataset, make_run, one_thread, write_sc
 from tests.test_evaluate import assert_one_line_error, run_module
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.xdist_group("export")  # one worker builds the two runs the tests share
 
 # the keys the bundle spec makes mandatory in metadata.json (verify_metadata checks them against a schema that it
 # downloads, which an offline machine cannot)

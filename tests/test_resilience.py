@@ -116,6 +116,7 @@ def crashed(tmp_path_factory) -> Path:
     return killed_run(tmp, write_official_dataset(tmp / "toy"))
 
 
+@pytest.mark.xdist_group("crashed")  # both cases copy one killed run
 @pytest.mark.parametrize("blocker", ["disk full", "read-only"])
 def test_resume_into_a_full_or_read_only_folder_exits_2_and_keeps_last(tmp_path, crashed, blocker):
     if blocker == "read-only" and os.geteuid() == 0:

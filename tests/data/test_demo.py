@@ -17,6 +17,9 @@ from tcurlora_seg.data.layouts import load_cases
 from tcurlora_seg.errors import UserError
 
 
+pytestmark = pytest.mark.xdist_group("demo")  # one worker builds the demo the tests share
+
+
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo.build_demo(tmp_path_factory.mktemp("demo") / "demo", seed=0)
