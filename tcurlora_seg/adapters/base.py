@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any, Callable
@@ -61,8 +62,8 @@ class ForwardCachedGroup(nn.Module):
 
     Every linear of a group needs the same factors (e.g. tCURLoRA's V = U ∗ R for 48 attention slices), so one
     autograd node serves them all. The cache is dropped by ``clear_forward_caches`` (a forward pre-hook on the model)
-    and whenever a trainable tensor changes (optimizer step, load), the device or the grad mode differs, so stale or
-    graph-less factors are never used.
+    and whenever a trainable tensor changes (optimizer step, load), the device or the grad mode differs, or a backward
+    pass has gone through them, so stale or graph-less factors are never used.
     """
 
     def __init__(self) -> None:
@@ -77,7 +78,23 @@ class ForwardCachedGroup(nn.Module):
         entry = self._cache.get(grad_mode)
         if entry is None or entry[0] != key:
             entry = self._cache[grad_mode] = (key, compute())
+            self._drop_after_backward(grad_mode, key, entry[1])
         return entry[1]
+
+    def _drop_after_backward(self, grad_mode: tuple, key: tuple, value: Any) -> None:
+        """Once a backward pass has gone through the factors, their graph is freed: drop them, so that the next call
+        computes them again. The model's pre-hook does that for ``model(x)``; this covers a submodule called on its own
+        twice (``model.swinViT(x)``), which would otherwise backpropagate into the first pass's freed graph."""
+        ref = weakref.ref(self)  # no cycle through the tensor's hook: the group and its factors free as usual
+
+        def drop(_grad: Tensor) -> None:
+            group = ref()
+            if group is not None and group._cache.get(grad_mode, (None,))[0] == key:
+                del group._cache[grad_mode]
+
+        for tensor in value if isinstance(value, tuple) else (value,):
+            if isinstance(tensor, Tensor) and tensor.requires_grad:
+                tensor.register_hook(drop)
 
     def clear_cache(self) -> None:
         self._cache = {}

@@ -279,6 +279,27 @@ def test_merged_state_dict_loads_into_a_plain_unetr(tiny_unetr, volume):
     assert not any(layer.merged for layer in adapter_layers(tiny_unetr))  # left unmerged as it was
 
 
+@pytest.mark.parametrize("method, core", [("tcurlora", "tcur_U"), ("lora_pt", "lorapt_S")])
+def test_the_transformer_called_alone_twice_backpropagates_twice(method, core):
+    """The model's pre-hook clears the per-pass factors only for model(x); called on its own (model.vit(x)), the second
+    pass must not reuse the first one's factors, whose graph its backward freed."""
+    model = apply_adapter(make_tiny_unetr(), method)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        for group in getattr(model, "tcur_groups" if method == "tcurlora" else "lorapt_groups").values():
+            getattr(group, core).add_(0.05 * torch.randn(getattr(group, core).shape, generator=generator))
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        out, _ = model.vit(x)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None})
+    assert grads[0] and any(core in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
 def test_mixed_paths_in_one_pass_share_v_once_per_grad_mode(volume, monkeypatch):
     """q/k/v factored (V with autograd) and o fused (V without, inside its own node): V = U ∗ R is formed once per
     kind per forward pass, neither evicts the other, and the gradients equal the all-factored model's."""
