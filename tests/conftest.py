@@ -15,7 +15,10 @@ def pytest_configure(config: pytest.Config) -> None:
     threads: two 2-thread torch processes on 2 cores spin-wait on each other 10-100x slower than one thread each."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        # the cores this process may use, as `nproc` (the Makefile's worker count) counts them: os.cpu_count() is the
+        # host's in a container pinned to fewer, which would give each worker far too many threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // int(workers))
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
