@@ -20,14 +20,21 @@ from tests.run_helpers import scalars
 REPO = Path(__file__).resolve().parents[1]
 
 
-def deterministic_run(root: Path, *extra: str) -> list[str]:
-    """Tiny UNETR on 32³ volumes with a 32³ crop, no flips, no intensity noise, no dropout: nothing random but the
+# Each backbone's tiny model, no dropout, on volumes the size of its smallest crop (Swin UNETR's bottleneck needs 64³).
+BACKBONES = {
+    "unetr": (["model=unetr_tiny", "model.dropout_rate=0", "data.roi_size=[32,32,32]"], (32, 32, 32)),
+    "swin_unetr": (["model=swin_unetr_tiny", "data.roi_size=[64,64,64]"], (64, 64, 64)),
+}
+
+
+def deterministic_run(root: Path, *extra: str, backbone: str = "unetr") -> list[str]:
+    """A tiny model on volumes of its crop's size, no flips, no intensity noise, no dropout: nothing random but the
     case order, so that 2 processes x batch 1 must take the same steps as 1 process x batch 2. SGD, not Adam: Adam
     is blind to a constant gradient scale (a sum over ranks instead of the mean would pass) and turns float noise in
     near-zero gradients into full-size steps."""
     return [
-        "data=official", f"data.root={root}", "data.roi_size=[32,32,32]", "data.num_workers=0", "data.cache=none",
-        "data.augment.flip_prob=0", "data.augment.intensity_prob=0", "model=unetr_tiny", "model.dropout_rate=0",
+        "data=official", f"data.root={root}", *BACKBONES[backbone][0], "data.num_workers=0", "data.cache=none",
+        "data.augment.flip_prob=0", "data.augment.intensity_prob=0",
         "model.pretrained=null", "peft.rank=2", "optim=sgd", "trainer.max_epochs=2", "trainer.epoch_length=2",
         "trainer.val_interval=1", "trainer.sw_batch_size=2", "trainer.progress=false", "trainer.evaluate=false",
         "trainer.device=cpu", *extra,
@@ -61,17 +68,18 @@ def run_folders(cwd: Path) -> list[Path]:
 pytestmark = pytest.mark.xdist_group("distributed")  # the two launches the tests compare run once
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("ddp")
-    root = write_official_dataset(tmp / "toy", shape=(32, 32, 32))
+@pytest.fixture(scope="module", params=sorted(BACKBONES))
+def runs(request, tmp_path_factory) -> dict[str, Path]:
+    backbone = request.param
+    tmp = tmp_path_factory.mktemp(f"ddp_{backbone}")
+    root = write_official_dataset(tmp / "toy", shape=BACKBONES[backbone][1])
     (root / "train.txt").write_text("sub1\nsub2\n")  # one global batch per step, whatever the process count
     (root / "valid.txt").write_text("sub3\nsub4\n")  # one validation case per rank: their metrics are gathered
     out = {}
     for name, nproc, batch in (("two", 2, 1), ("one", 1, 2)):
         cwd = tmp / name
         cwd.mkdir()
-        result = launch(cwd, *deterministic_run(root, f"data.batch_size={batch}"), nproc=nproc)
+        result = launch(cwd, *deterministic_run(root, f"data.batch_size={batch}", backbone=backbone), nproc=nproc)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         folders = run_folders(cwd)
         assert len(folders) == 1, folders  # one run folder, whatever the ranks' clocks named theirs
