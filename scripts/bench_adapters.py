@@ -196,12 +196,21 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     # all of them instead of biasing whichever ran last.
     methods = args.methods + (["inference"] if not args.no_inference else [])
     runs: dict[str, list[dict]] = {m: [] for m in methods}
+    start = time.monotonic()
+    rounds = args.rounds
     for round_ in range(args.rounds):
+        budget = getattr(args, "budget_s", None)
+        if round_ and budget is not None and (time.monotonic() - start) * (round_ + 1) / round_ > budget:
+            rounds = round_
+            print(f"stopping after {round_} round(s): another would end past --budget-s {budget:g}", file=sys.stderr)
+            break
         for i, method in enumerate(methods):
             runs[method].append(run_worker(args, method))
-            complete = round_ == args.rounds - 1 and i == len(methods) - 1
+            complete = round_ == rounds - 1 and i == len(methods) - 1
             write_report(report_of(args, [combine(r) for r in runs.values() if r], complete), out)
-    return report_of(args, [combine(runs[m]) for m in methods], True)
+    report = report_of(args, [combine(runs[m]) for m in methods], True)
+    write_report(report, out)
+    return report
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -223,8 +232,8 @@ def report_of(args: argparse.Namespace, rows: list[dict], complete: bool) -> dic
                         r["mem_vs_decoder_only"] = r["peak_mb"] / by_name[ref]["peak_mb"]
     return {
         "complete": complete,
-        "settings": {k: getattr(args, k) for k in ("model", "crop", "batch", "device", "precision", "rank", "steps", "warmup",
-                                                    "rounds")},
+        "settings": {k: getattr(args, k, None) for k in ("model", "crop", "batch", "device", "precision", "rank", "steps",
+                                                          "warmup", "rounds", "budget_s")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "results": rows,
@@ -256,7 +265,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8, help="tCURLoRA rank (the other methods use their defaults)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="repeat every method this often, alternating (robust medians)")
+    parser.add_argument("--rounds", type=int, default=4, help="repeat every method this often, alternating (robust medians)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no round that would end after this many seconds (a lent GPU's time limit); "
+                             "the first round always runs")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--subprocess", action="store_true", help="GPU: one process per method as on the CPU")

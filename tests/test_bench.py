@@ -40,6 +40,26 @@ def test_report_is_written_after_every_method_so_a_cut_off_run_keeps_them(tmp_pa
     assert report["results"][1]["vs_decoder_only"] == pytest.approx(1.25) and not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_time_budget_stops_before_a_round_that_would_overrun_it(tmp_path, monkeypatch):
+    bench = load_script("bench_adapters")
+    out = tmp_path / "bench.json"
+    clock = [0.0]
+
+    def fake_worker(args, method):
+        clock[0] += 10.0  # every method takes 10 s: a round of two takes 20 s
+        return {"method": method, "step_s": clock[0], "step_min_s": clock[0], "trainable": 1, "peak_mb": 100.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock[0])
+    args = args_for(out, ["decoder_only", "floor"])
+    args.rounds, args.budget_s = 4, 45.0  # 2 rounds end at 40 s; a third would end at 60 s
+    report = bench.run_all(args, out)
+    assert [r["rounds"] for r in report["results"]] == [2, 2]
+    written = json.loads(out.read_text())
+    assert written["complete"] is True and written["settings"]["budget_s"] == 45.0
+    assert written["results"][0]["step_s"] == pytest.approx(20.0)  # median of the two rounds' 10 s and 30 s
+
+
 def test_bench_measures_each_method_on_the_paper_unetr(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,6 +74,23 @@ def test_bench_measures_each_method_on_the_paper_unetr(tmp_path):
     assert rows["tcurlora-auto"]["trainable"] - rows["decoder_only"]["trainable"] == 8 * 8 * (48 + 12 + 12)
     assert all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in rows.values())
     assert "| tcurlora-auto |" in result.stdout
+
+
+def test_the_gpu_benchmark_script_runs_whole_on_a_cpu_at_a_tiny_setting(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path), "DEVICE": "cpu",
+           "CROP": "32", "BATCH": "1", "STEPS": "1", "WARMUP": "0", "ROUNDS": "1", "METHODS": "floor tcurlora-auto",
+           "PRECISIONS": "fp32", "PROFILE_METHODS": "floor tcurlora-auto"}  # bf16 products are emulated on CPUs without bf16 units: minutes instead of seconds
+    result = subprocess.run(["bash", str(REPO / "scripts" / "bench_gpu.sh")], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "bench_cpu_32_b1_fp32.json").read_text())
+    assert report["complete"] and report["settings"]["precision"] == "fp32"
+    assert [r["method"] for r in report["results"]] == ["floor", "tcurlora-auto", "inference"]
+    profile = json.loads((tmp_path / "profile_cpu_32_b1.json").read_text())
+    assert [r["method"] for r in profile["results"]] == ["floor", "tcurlora-auto"]
+    tcur = profile["results"][1]["ops"]
+    assert tcur["aten::mm"]["calls"] > profile["results"][0]["ops"]["aten::mm"]["calls"]  # the adapter's products
+    assert "excess over floor" in result.stdout
 
 
 @pytest.mark.slow  # a 62 M-parameter network at 64³: about 1.5 min on 2 cores; run with -m slow
