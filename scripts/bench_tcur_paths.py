@@ -1,0 +1,126 @@
+"""Exact alternatives to tCURLoRA's factored path, one linear at a time (docs/benchmark.md, "Candidates measured").
+
+    python scripts/bench_tcur_paths.py                 # ViT-B's four linears at 64 and 512 tokens, CPU, 30 alternations
+    python scripts/bench_tcur_paths.py --tokens 2048 --device cuda
+
+Forward + backward (input gradient and the core's gradient) of x·ΔS_k for the slices of one linear, ms, median:
+- factored: the package's path, x·Cflat re-indexed per slice, times V = U ∗ R (V taken as given: it is formed once
+  per pass and tensor in the model);
+- activation-side, circulant: the package's "activation" path, G = (x·Cflat) · circ(U) (the block-circulant matrix of
+  U, formed once per pass), then x·ΔS_k = roll_k(G) · Rstack with R fixed: no gradient through the (n3·r × n2) side;
+- activation-side, FFT: G = (x·Cflat) ∗ U by rFFT along the stack, U's spectrum formed per call (not adopted);
+- base: the frozen linear itself (input gradient only), for scale.
+Each candidate is first checked in float64 against the factored path (outputs and both gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tcurlora_seg.adapters.tensor_cur import (  # noqa: E402
+    apply_t_product_slices,
+    block_circulant,
+    circulant_roll,
+    circulant_slices,
+    t_product,
+)
+
+# ViT-B's linears as slices of its three tensors: (n1, n2, n3, slices of the linear)
+LINEARS = {"qkv": (768, 768, 48, 3), "out_proj": (768, 768, 48, 1), "mlp_up": (768, 3072, 12, 1), "mlp_down": (3072, 768, 12, 1)}
+
+
+def activation_side_circulant(x, Cflat, Ucirc, roll, Rstack):
+    """The package's "activation" path (TCURLinear): circ(U) given, as the model forms it once per pass."""
+    return circulant_slices((x @ Cflat) @ Ucirc, roll, Rstack)
+
+
+def activation_side_fft(x, Cflat, U, roll, Rstack):
+    n3 = roll.shape[1]
+    H = (x @ Cflat).view(x.shape[0], n3, -1)
+    Uf = torch.fft.rfft(U, dim=-1).permute(2, 0, 1)  # (F, r, r)
+    G = torch.fft.irfft((torch.fft.rfft(H, dim=1).transpose(0, 1) @ Uf).transpose(0, 1), n=n3, dim=1)
+    return circulant_slices(G.reshape(x.shape[0], -1), roll, Rstack)
+
+
+def factors(n1, n2, n3, s, tokens, rank, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
+    C, R, U = randn(n1, rank, n3), randn(rank, n2, n3), randn(rank, rank, n3) * 0.1
+    return {
+        "x": randn(tokens, n1).requires_grad_(), "U": U.requires_grad_(), "R": R, "roll": circulant_roll(tuple(range(s)), n3).to(device),
+        "Cflat": C.permute(0, 2, 1).reshape(n1, -1).contiguous(), "Rstack": R.permute(2, 0, 1).reshape(-1, n2).contiguous(),
+    }
+
+
+def check_exact() -> None:
+    f = factors(10, 7, 6, 3, 5, 3, torch.float64, "cpu")
+    V = t_product(f["U"], f["R"])
+    ref = apply_t_product_slices(f["x"], f["Cflat"], f["roll"], V.permute(2, 0, 1).reshape(-1, V.shape[1]))
+    weight = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * weight).sum(), (f["x"], f["U"]))
+    for name, out in (("circulant", activation_side_circulant(f["x"], f["Cflat"], block_circulant(f["U"]), f["roll"], f["Rstack"])),
+                      ("fft", activation_side_fft(f["x"], f["Cflat"], f["U"], f["roll"], f["Rstack"]))):
+        torch.testing.assert_close(out, ref, msg=name)
+        for a, b in zip(torch.autograd.grad((out * weight).sum(), (f["x"], f["U"])), want):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def bench(name: str, tokens: int, args: argparse.Namespace) -> dict[str, float]:
+    n1, n2, n3, s = LINEARS[name]
+    f = factors(n1, n2, n3, s, tokens, args.rank, torch.float32, args.device)
+    x, U = f["x"], f["U"]
+    V = t_product(U, f["R"]).detach()
+    Vstack = V.permute(2, 0, 1).reshape(-1, n2).contiguous().requires_grad_()
+    Ucirc = block_circulant(U).detach().contiguous().requires_grad_()
+    W = torch.randn(s * n2, n1, device=args.device)
+    paths = {
+        "factored": lambda: apply_t_product_slices(x, f["Cflat"], f["roll"], Vstack),
+        "activation-side, circulant": lambda: activation_side_circulant(x, f["Cflat"], Ucirc, f["roll"], f["Rstack"]),
+        "activation-side, FFT": lambda: activation_side_fft(x, f["Cflat"], U, f["roll"], f["Rstack"]),
+        "base": lambda: (x @ W.t()).view(tokens, s, n2),
+    }
+    grad = torch.randn(tokens, s, n2, device=args.device)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(args.reps):  # alternate, so that drift spreads over all paths
+        for key, path in paths.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            path().backward(grad)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[key].append((time.perf_counter() - start) * 1e3)
+            for t in (x, U, Vstack, Ucirc):
+                t.grad = None
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    check_exact()
+    print("float64 check: every candidate equals the factored path (output, input and core gradients)")
+    print("| linear | tokens | " + " | ".join(["factored", "activation-side, circulant", "activation-side, FFT", "base"]) + " |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for tokens in args.tokens:
+        for name in LINEARS:
+            row = bench(name, tokens, args)
+            print(f"| {name} | {tokens} | " + " | ".join(f"{v:.2f}" for v in row.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
