@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,6 +107,60 @@ def time_steps(fn, steps: int, warmup: int, device: torch.device) -> list[float]
     return times
 
 
+def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable[[], None]:
+    """One Adam step of ``model`` on (x, y), the trainer's loss."""
+    model.train()
+    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def interleaved(args: argparse.Namespace) -> dict:
+    """Every method's model in this one process, one step of each in turn, ``rounds × steps`` times (after ``warmup``
+    steps each): step-time ratios free of what differs between processes (a host's clock, memory placement), which
+    moves single-process medians by up to ±10 % here. No peak memory (one process holds every model); the default
+    mode measures that. Inference: the base model and the merged tCURLoRA model, alternating likewise."""
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
+    y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
+    calls, trainable = {}, {}
+    for method in args.methods:
+        model = prepare(method, network(args.model, args.crop).to(device), args.rank, args.model)
+        calls[method], trainable[method] = training_step(model, x, y, autocast), count_trainable(model)
+    if not args.no_inference:
+        base = network(args.model, args.crop).to(device).eval()
+        merged = network(args.model, args.crop).to(device).eval()
+        apply_adapter(merged, "tcurlora", rank=args.rank)
+        merge_adapter(merged)
+        for name, model in (("inference_base", base), ("inference_merged", merged)):
+            def infer(model=model) -> None:
+                with torch.no_grad(), autocast:
+                    model(x)
+            calls[name] = infer
+    times: dict[str, list[float]] = {m: [] for m in calls}
+    for fn in calls.values():
+        time_steps(fn, 0, args.warmup, device)
+    for _ in range(args.rounds * args.steps):
+        for method, fn in calls.items():
+            times[method] += time_steps(fn, 1, 0, device)
+    rows = [{"method": m, "step_s": statistics.median(times[m]), "step_min_s": min(times[m]), "trainable": trainable[m],
+             "peak_mb": None, "rounds": args.rounds} for m in args.methods]
+    if not args.no_inference:
+        base_s, merged_s = statistics.median(times["inference_base"]), statistics.median(times["inference_merged"])
+        rows.append({"method": "inference", "base_s": base_s, "merged_s": merged_s, "ratio": merged_s / base_s})
+    return report_of(args, rows, True)
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One method in this process: time training steps, and for tCURLoRA also merged inference."""
     torch.manual_seed(0)
@@ -131,20 +186,9 @@ def worker(args: argparse.Namespace) -> dict:
         result["ratio"] = result["merged_s"] / result["base_s"]
         return result
 
-    prepare(method, model, args.rank, args.model)
-    model.train()
-    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5)
+    step = training_step(prepare(method, model, args.rank, args.model), x, y, autocast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-
     times = time_steps(step, args.steps, args.warmup, device)
     result.update(
         step_s=statistics.median(times), step_min_s=min(times), trainable=count_trainable(model),
@@ -228,12 +272,12 @@ def report_of(args: argparse.Namespace, rows: list[dict], complete: bool) -> dic
             for r in rows:
                 if "step_s" in r:
                     r[f"vs_{ref}"] = r["step_s"] / by_name[ref]["step_s"]
-                    if ref == "decoder_only":
+                    if ref == "decoder_only" and r["peak_mb"] is not None:
                         r["mem_vs_decoder_only"] = r["peak_mb"] / by_name[ref]["peak_mb"]
     return {
         "complete": complete,
         "settings": {k: getattr(args, k, None) for k in ("model", "crop", "batch", "device", "precision", "rank", "steps",
-                                                          "warmup", "rounds", "budget_s")},
+                                                          "warmup", "rounds", "budget_s", "interleave")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None},
         "results": rows,
@@ -248,8 +292,9 @@ def print_table(report: dict) -> None:
     nan = float("nan")
     for r in report["results"]:
         if "step_s" in r:
+            peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
             print(f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {r.get('vs_decoder_only', nan):.2f} "
-                  f"| {r.get('vs_floor', nan):.2f} | {r['peak_mb']:.0f} | {r.get('mem_vs_decoder_only', nan):.2f} |")
+                  f"| {r.get('vs_floor', nan):.2f} | {peak} | {r.get('mem_vs_decoder_only', nan):.2f} |")
         else:
             print(f"\ninference: base {r['base_s']:.3f} s, merged tCURLoRA {r['merged_s']:.3f} s, ratio {r['ratio']:.3f}")
 
@@ -272,6 +317,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, metavar="METHOD")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--subprocess", action="store_true", help="GPU: one process per method as on the CPU")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all methods in this process, one step each in turn: steadier ratios, no peak memory")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench_results/bench_[<model>_]<device>_<crop>_b<batch>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -286,7 +333,11 @@ def main() -> None:
         out = args.out or REPO / "bench_results" / f"bench_{model}{run.device.split(':')[0]}_{run.crop}_b{run.batch}.json"
         if args.out and len(runs) > 1:  # one file per setting
             out = out.with_name(f"{out.stem}_{run.device.split(':')[0]}{out.suffix}")
-        report = run_all(run, out)  # written after every method, the last time complete
+        if run.interleave:
+            report = interleaved(run)
+            write_report(report, out)
+        else:
+            report = run_all(run, out)  # written after every method, the last time complete
         print_table(report)
         print(f"\nwrote {out}")
 

@@ -4,7 +4,7 @@
     python scripts/profile_tcurlora.py --crop 128 --steps 1  # 512 tokens per call
     python scripts/profile_tcurlora.py --methods floor tcurlora-factored tcurlora-fused --device cuda --crop 128 --batch 4
 
-Each method is profiled in this process after ``--warmup`` steps (same model definition, input and optimiser as
+Each method is profiled in this process after ``--warmup`` steps (the model, input and training step of
 scripts/bench_adapters.py). Prints, per method, the step's total time, the matrix products (aten::mm / bmm / addmm:
 calls and self time) and the ops that take the most self time, then the excess over the first method per op. The
 per-op numbers are what the closing notes of the speed work quote; step-time ratios belong to bench_adapters.py,
@@ -21,11 +21,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from monai.losses import DiceLoss
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import METHODS, network, prepare  # noqa: E402
+from bench_adapters import METHODS, network, prepare, training_step  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::linear")
 
@@ -33,21 +32,11 @@ GEMMS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::linear")
 def profile_method(args: argparse.Namespace, method: str) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = prepare(method, network(args.model, args.crop).to(device), args.rank, args.model).train()
+    model = prepare(method, network(args.model, args.crop).to(device), args.rank, args.model)
     x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
     y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
-    loss_fn = DiceLoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(model, x, y, autocast)
     for _ in range(args.warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

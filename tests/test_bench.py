@@ -60,6 +60,31 @@ def test_a_time_budget_stops_before_a_round_that_would_overrun_it(tmp_path, monk
     assert written["results"][0]["step_s"] == pytest.approx(20.0)  # median of the two rounds' 10 s and 30 s
 
 
+def test_interleaved_mode_alternates_every_method_in_one_process(tmp_path, monkeypatch):
+    from tests.conftest import make_tiny_unetr
+
+    bench = load_script("bench_adapters")
+    monkeypatch.setattr(bench, "network", lambda name, crop: make_tiny_unetr())
+    order = []
+    real_step = bench.training_step
+
+    def recording_step(model, x, y, autocast):
+        step, name = real_step(model, x, y, autocast), f"model{len(order)}"
+        order.append(name)
+        return lambda: (order.append(name), step())
+
+    monkeypatch.setattr(bench, "training_step", recording_step)
+    args = args_for(tmp_path / "bench.json", ["decoder_only", "tcurlora-auto"])
+    args.rounds, args.steps, args.warmup, args.interleave, args.no_inference = 2, 2, 1, True, False
+    report = bench.interleaved(args)
+    # built in order, one warm-up each, then 2 rounds x 2 steps taken in turn
+    assert order == ["model0", "model1"] + ["model0", "model1"] * 5
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["tcurlora-auto"]["trainable"] - rows["decoder_only"]["trainable"] == 2 * 2 * (48 + 12 + 12)
+    assert rows["tcurlora-auto"]["peak_mb"] is None and rows["tcurlora-auto"]["vs_decoder_only"] > 0
+    assert rows["inference"]["ratio"] == pytest.approx(rows["inference"]["merged_s"] / rows["inference"]["base_s"])
+
+
 def test_bench_measures_each_method_on_the_paper_unetr(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
