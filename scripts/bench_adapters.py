@@ -21,7 +21,7 @@ Methods:
   loha lokr            LoHa r=16, LoKr r=8)
   curlora lora_pt      matrix CURLoRA r=2; LoRA-PT r=8 (principal t-SVD of the three tensors)
   tcurlora-<mode>      tCURLoRA r=--rank (default 8) on all three tensor groups, forward mode auto | factored |
-                       activation | materialized | fused
+                       materialized | fused
   full                 everything trains
 Also times inference (no grad, eval) of the base model and of the merged tCURLoRA model.
 Prints a table per setting and writes JSON (default bench_results/bench_<device>_<crop>_b<batch>.json).
@@ -54,7 +54,7 @@ from tcurlora_seg.models import build_network  # noqa: E402
 
 METHODS = [
     "decoder_only", "floor", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt",
-    "tcurlora-auto", "tcurlora-factored", "tcurlora-activation", "tcurlora-materialized", "tcurlora-fused", "full",
+    "tcurlora-auto", "tcurlora-factored", "tcurlora-materialized", "tcurlora-fused", "full",
 ]
 # The settings of a plain run: the CPU one always, the paper's GPU one (batch 4, 128³, bf16 autocast) when a GPU exists.
 CPU_SETTING = {"crop": 64, "batch": 1, "device": "cpu", "precision": "fp32"}

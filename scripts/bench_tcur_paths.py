@@ -6,9 +6,12 @@
 Forward + backward (input gradient and the core's gradient) of x·ΔS_k for the slices of one linear, ms, median:
 - factored: the package's path, x·Cflat re-indexed per slice, times V = U ∗ R (V taken as given: it is formed once
   per pass and tensor in the model);
-- activation-side, circulant: the package's "activation" path, G = (x·Cflat) · circ(U) (the block-circulant matrix of
-  U, formed once per pass), then x·ΔS_k = roll_k(G) · Rstack with R fixed: no gradient through the (n3·r × n2) side;
-- activation-side, FFT: G = (x·Cflat) ∗ U by rFFT along the stack, U's spectrum formed per call (not adopted);
+- activation-side, circulant: G = (x·Cflat) · circ(U) (the block-circulant matrix of U, formed once per pass), then
+  x·ΔS_k = roll_k(G) · Rstack with R fixed: no gradient through the (n3·r × n2) side;
+- activation-side, FFT: G = (x·Cflat) ∗ U by rFFT along the stack, U's spectrum formed per call;
+neither is in the package: per linear the circulant form is 10–30 % faster for qkv and the MLPs, but in the whole
+model (ViT-B UNETR, 64³ and 128³, bench_adapters.py --interleave) it did not make a step measurably faster
+(docs/benchmark.md).
 - base: the frozen linear itself (input gradient only), for scale.
 Each candidate is first checked in float64 against the factored path (outputs and both gradients).
 """
@@ -24,20 +27,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tcurlora_seg.adapters.tensor_cur import (  # noqa: E402
-    apply_t_product_slices,
-    block_circulant,
-    circulant_roll,
-    circulant_slices,
-    t_product,
-)
+from tcurlora_seg.adapters.tensor_cur import apply_t_product_slices, circulant_roll, t_product  # noqa: E402
 
 # ViT-B's linears as slices of its three tensors: (n1, n2, n3, slices of the linear)
 LINEARS = {"qkv": (768, 768, 48, 3), "out_proj": (768, 768, 48, 1), "mlp_up": (768, 3072, 12, 1), "mlp_down": (3072, 768, 12, 1)}
 
 
+def block_circulant(U: torch.Tensor) -> torch.Tensor:
+    """circ(U) (n3·r, n3·r), block (a, m) = U_{(m − a) mod n3}: H · circ(U) = H ∗ U along the stack."""
+    r, _, n3 = U.shape
+    m = torch.arange(n3, device=U.device)
+    return U[:, :, (m[None, :] - m[:, None]) % n3].permute(2, 0, 3, 1).reshape(n3 * r, n3 * r)
+
+
+def circulant_slices(H: torch.Tensor, roll: torch.Tensor, Rstack: torch.Tensor) -> torch.Tensor:
+    """sum_c H_{(k − c) mod n3} R_c for the slices k of ``roll``: the re-indexing of the factored path, R on the right."""
+    tokens = H.shape[0]
+    return H.view(tokens, roll.shape[1], -1)[:, roll.flatten(), :].reshape(tokens, roll.shape[0], -1) @ Rstack
+
+
 def activation_side_circulant(x, Cflat, Ucirc, roll, Rstack):
-    """The package's "activation" path (TCURLinear): circ(U) given, as the model forms it once per pass."""
+    """circ(U) given, as a model would form it once per pass."""
     return circulant_slices((x @ Cflat) @ Ucirc, roll, Rstack)
 
 

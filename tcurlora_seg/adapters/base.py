@@ -72,9 +72,8 @@ class ForwardCachedGroup(nn.Module):
         # without (tCURLoRA's fused path forms ΔW inside its own autograd node), and neither should evict the other
         self._cache: dict[tuple, tuple] = {}
 
-    def cached(self, params: tuple[Tensor, ...], compute: Callable[[], Any], name: str = "") -> Any:
-        """``compute()``, once per pass; ``name`` tells apart the factors of one group (tCURLoRA's V and circ(U))."""
-        grad_mode = (name, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    def cached(self, params: tuple[Tensor, ...], compute: Callable[[], Any]) -> Any:
+        grad_mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         key = (tuple(p._version for p in params), params[0].device)
         entry = self._cache.get(grad_mode)
         if entry is None or entry[0] != key:

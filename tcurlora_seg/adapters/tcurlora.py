@@ -14,9 +14,6 @@ our rows. (The official ΔW'_k = (C' ∗ U' ∗ R')_k transposes slice-wise to (
 Forward paths (``mode``), all exact, with ``V = U ∗ R`` (r, n2, n3) and ``ΔS_k = sum_j C_{(k-j) mod n3} V_j``:
 - "factored": ``x ΔS_k = H_k · Vstack`` with ``H = x · Cflat`` (T, n3·r) re-indexed per slice; never forms ΔS.
   q, k and v of a layer share H. Cheapest when tokens are few (CPU, small crops).
-- "activation": ``x ΔS_k = roll_k(G) · Rstack`` with ``G = (x · Cflat) ∗ U`` along the stack (``H · circ(U)``, circ(U)
-  formed once per pass) and R fixed: drops the factored backward's gradient of V (s·n3·r·n2 per token) for
-  3·(n3·r)² per token of core products. Cheaper when 3·n3·r < s·n2: ViT-B's qkv and both MLP tensors, not out_proj.
 - "materialized": forms ΔS_k (n1, n2) per slice with autograd, then ``x ΔS_k``: autograd then forms the full n1 × n2
   weight gradient of every slice. Kept for checking the others.
 - "fused": one custom autograd function per layer (DESIGN.md §1.5, third path): the forward forms ΔS_k without
@@ -24,7 +21,7 @@ Forward paths (``mode``), all exact, with ``V = U ∗ R`` (r, n2, n3) and ``ΔS_
   that merged weight and ∂L/∂U straight from the factors (``core_grad_from_factors``: x·C and g·Rᵀ, width n3·r).
   Its cost per token is about half the factored path's, plus a fixed cost per step for forming ΔS: it wins when
   tokens are many (GPU, 128³ crops, batch 4) and in inference over many windows.
-- "auto": picks per call from a FLOP estimate of the four (training or inference).
+- "auto": picks per call from a FLOP estimate of the three (training or inference).
 See shared/DESIGN.md §1.5 for measured costs.
 """
 
@@ -40,9 +37,7 @@ from .base import AdapterLayer, ForwardCachedGroup, clear_forward_caches, freeze
 from .targets import GROUPS, tensor_groups
 from .tensor_cur import (
     apply_t_product_slices,
-    block_circulant,
     circulant_roll,
-    circulant_slices,
     core_grad_from_factors,
     select_tensor_cur,
     t_product,
@@ -52,7 +47,7 @@ from .tensor_cur import (
 
 __all__ = ["TCURLoRAConfig", "TensorCURGroup", "TCURLinear", "apply_tcurlora"]
 
-MODES = ("auto", "factored", "activation", "materialized", "fused")
+MODES = ("auto", "factored", "materialized", "fused")
 ORIENTATIONS = ("paper", "official")
 
 
@@ -67,8 +62,7 @@ class TCURLoRAConfig:
     orientation: str = field(
         default="paper", metadata={"help": "'paper': slices are weight.T (input × output); 'official': weights as stored"}
     )
-    mode: str = field(default="auto",
-                      metadata={"help": "forward path: auto | factored | activation | materialized | fused (same result)"})
+    mode: str = field(default="auto", metadata={"help": "forward path: auto | factored | materialized | fused (same result)"})
     train_out: bool = field(default=False, metadata={"help": "train the 1×1×1 `out` head (needed when the class count changes)"})
 
     def __post_init__(self) -> None:
@@ -114,8 +108,7 @@ class TensorCURGroup(ForwardCachedGroup):
         self.register_buffer("tcur_R", W[rows, :, :].clone(), persistent=False)
         # C's slices side by side, (n1, n3·r), block j = C_j: the layout every forward multiplies with
         self.register_buffer("tcur_Cflat", self.tcur_C.permute(0, 2, 1).reshape(n1, -1).contiguous(), persistent=False)
-        # R's slices transposed side by side, (n2, n3·r), block c = R_cᵀ: the fused path's U-gradient uses g · Rflat_T, the
-        # activation path its transpose (Rstack, block c = R_c)
+        # R's slices transposed side by side, (n2, n3·r), block c = R_cᵀ: the fused path's U-gradient uses g · Rflat_T
         self.register_buffer("tcur_Rflat_T", self.tcur_R.permute(1, 2, 0).reshape(n2, -1).contiguous(), persistent=False)
         self.tcur_U = nn.Parameter(torch.zeros(rank, rank, n3, dtype=W.dtype, device=W.device))
 
@@ -135,11 +128,7 @@ class TensorCURGroup(ForwardCachedGroup):
             V = self.V()
             return V.permute(2, 0, 1).reshape(-1, V.shape[1])
 
-        return self.cached((self.tcur_U,), stack, "Vstack")
-
-    def Ucirc(self) -> Tensor:
-        """circ(U) (n3·r, n3·r): ``H · circ(U) = H ∗ U`` along the stack; computed once per forward pass of the model."""
-        return self.cached((self.tcur_U,), lambda: block_circulant(self.tcur_U), "Ucirc")
+        return self.cached((self.tcur_U,), stack)
 
     def delta(self) -> Tensor:
         """The full ΔW = C ∗ U ∗ R (n1, n2, n3)."""
@@ -178,12 +167,10 @@ class TCURLinear(AdapterLayer):
         form = s * n1 * width * n2  # the slices ΔS_k themselves
         if torch.is_grad_enabled() and self.group.tcur_U.requires_grad:
             costs = {"factored": 2 * T * n1 * width + 3 * s * T * width * n2,
-                     "activation": 2 * T * n1 * width + 2 * s * T * width * n2 + 3 * T * width * width,
                      "materialized": 2 * form + 3 * s * T * n1 * n2,
                      "fused": 2 * form + T * n1 * width + s * T * width * (n2 + 2 * r)}
         else:
-            costs = {"factored": T * n1 * width + s * T * width * n2,
-                     "activation": T * n1 * width + T * width * width + s * T * width * n2, "materialized": form + s * T * n1 * n2,
+            costs = {"factored": T * n1 * width + s * T * width * n2, "materialized": form + s * T * n1 * n2,
                      "fused": form}
         return min(costs, key=costs.get)
 
@@ -212,10 +199,6 @@ class TCURLinear(AdapterLayer):
         tokens = x.numel() // n1
         if path == "materialized":
             out = torch.einsum("ti,sio->tso", x.reshape(tokens, n1), self.delta_slices().to(x.dtype))
-            return out.reshape(*lead, s * n2)
-        if path == "activation":  # roll_k((x·Cflat) ∗ U) · Rstack: the same slice re-indexing, U on the input side
-            G = (x.reshape(tokens, n1) @ self.group.tcur_Cflat.to(x.dtype)) @ self.group.Ucirc().to(x.dtype)
-            out = circulant_slices(G, self.tcur_roll, self.group.tcur_Rflat_T.t().to(x.dtype))
             return out.reshape(*lead, s * n2)
         out = apply_t_product_slices(x.reshape(tokens, n1), self.group.tcur_Cflat.to(x.dtype), self.tcur_roll,
                                      self.group.Vstack().to(x.dtype))

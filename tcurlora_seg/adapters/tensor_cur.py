@@ -18,9 +18,7 @@ __all__ = [
     "circulant_roll",
     "t_product_slices",
     "apply_t_product_slices",
-    "circulant_slices",
     "core_grad_from_factors",
-    "block_circulant",
 ]
 
 
@@ -125,28 +123,11 @@ def apply_t_product_slices(x: Tensor, A_flat: Tensor, roll: Tensor, B_stack: Ten
     ``H = x · A_flat`` is computed once for all slices (q, k and v of a layer share it) and re-indexed per slice;
     cost per token n1·n3·r + s·n3·r·n2 instead of forming s full n1 × n2 matrices.
     """
-    return circulant_slices(x @ A_flat, roll, B_stack)  # (T, n1) @ (n1, n3*r): H for all slices at once
-
-
-def circulant_slices(H: Tensor, roll: Tensor, B_stack: Tensor) -> Tensor:
-    """``sum_j H_{(k-j) mod n3} B_j`` for the slices k of ``roll``: H (T, n3·r) with block j = H_j -> (T, s, n2)."""
-    tokens = H.shape[0]
+    tokens = x.shape[0]
     s, n3 = roll.shape
+    H = x @ A_flat  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
     Hk = H.view(tokens, n3, -1)[:, roll.flatten(), :]  # (T, s*n3, r)
     return Hk.reshape(tokens, s, -1) @ B_stack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
-
-
-def block_circulant(U: Tensor) -> Tensor:
-    """circ(U) (n3·r, n3·r) with block (a, m) = U_{(m − a) mod n3}, for U (r, r, n3).
-
-    With H's slices side by side (T, n3·r), ``H · circ(U)`` is H ∗ U along the stack, G_m = sum_a H_a U_{m−a}: the
-    activation-side path's core product (tCURLoRA: x·ΔS_k = sum_c G_{k−c} R_c with G = (x·Cflat) ∗ U).
-    """
-    _check_3d("U", U)
-    r, r2, n3 = U.shape
-    m = torch.arange(n3, device=U.device)
-    idx = (m[None, :] - m[:, None]) % n3  # [a, m] = m - a
-    return U[:, :, idx].permute(2, 0, 3, 1).reshape(n3 * r, n3 * r2)
 
 
 def core_grad_from_factors(P: Tensor, Q: Tensor, slices: tuple[int, ...], n3: int) -> Tensor:

@@ -2,7 +2,6 @@ import io
 
 import pytest
 import torch
-from torch import nn
 
 from tcurlora_seg.adapters import (
     adapter_layers,
@@ -14,7 +13,6 @@ from tcurlora_seg.adapters import (
     unmerge_adapter,
 )
 from tcurlora_seg.adapters.targets import group_targets, stack_group
-from tcurlora_seg.adapters.tcurlora import TCURLinear, TensorCURGroup
 from tcurlora_seg.adapters.tensor_cur import select_tensor_cur, tensor_cur_delta
 from tests.conftest import make_tiny_unetr
 
@@ -116,7 +114,7 @@ def test_adapted_linear_equals_base_plus_direct_t_product(tiny_unetr):
         delta = tensor_cur_delta(W[:, cols], tiny_unetr.tcur_groups[name].tcur_U.detach(), W[rows])
         for target in group_targets(tiny_unetr, name)[name]:
             layer = tiny_unetr.get_submodule(target.path)
-            for mode in ("factored", "activation", "materialized", "fused"):
+            for mode in ("factored", "materialized", "fused"):
                 layer.mode = mode
                 xi = x[..., : layer.base_layer.in_features]
                 expected = torch.cat([xi @ (W[..., k] + delta[..., k]) for k in target.slices], dim=-1) + (
@@ -131,7 +129,7 @@ def test_forward_modes_agree_in_outputs_and_gradients(volume):
     In float64: the paths sum in different orders, and in float32 this deep network's gradients differ by up to 0.5 %
     between any two of them (each as far from the float64 values as the other), too loose to catch a wrong term."""
     results = {}
-    for mode in ("factored", "activation", "materialized", "fused", "auto"):
+    for mode in ("factored", "materialized", "fused", "auto"):
         model = make_tiny_unetr()
         apply_adapter(model, "tcurlora", rank=8, mode=mode)
         randomise_core(model)
@@ -146,7 +144,7 @@ def test_forward_modes_agree_in_outputs_and_gradients(volume):
             "decoder": torch.cat([p.grad.flatten() for n, p in model.named_parameters() if n.startswith("decoder2")]),
         }
     assert results["factored"]["U"].abs().max() > 0 and results["factored"]["x"].abs().max() > 0
-    for mode in ("activation", "materialized", "fused", "auto"):
+    for mode in ("materialized", "fused", "auto"):
         for key, value in results[mode].items():
             torch.testing.assert_close(value, results["factored"][key], atol=1e-12, rtol=1e-9, msg=f"{mode}: {key}")
 
@@ -162,20 +160,6 @@ def test_auto_picks_the_cheapest_path_for_the_token_count(tiny_unetr):
         assert qkv.path(8) == "factored" and qkv.path(100_000) == "fused"
     qkv.mode = "materialized"
     assert qkv.path(100_000) == "materialized"  # an explicit mode wins
-
-
-def test_auto_trains_vit_b_linears_on_the_activation_side_where_its_flop_count_is_lower():
-    """ViT-B's tensors at r = 8 (n3·r = 384 for attention, 96 for the MLPs): the activation-side path drops the factored
-    backward's s·n3·r·n2 gradient of V for 3·(n3·r)² of core products, cheaper when 3·n3·r < s·n2: qkv and both MLP
-    tensors, not out_proj; without a gradient (inference) the factored path stays cheaper."""
-    torch.manual_seed(0)
-    attn, up, down = (TensorCURGroup(torch.randn(n1, n2, n3), 8) for n1, n2, n3 in ((768, 768, 48), (768, 3072, 12), (3072, 768, 12)))
-    layers = {"qkv": TCURLinear(nn.Linear(768, 3 * 768), attn, (0, 1, 2)), "out_proj": TCURLinear(nn.Linear(768, 768), attn, (3,)),
-              "mlp_up": TCURLinear(nn.Linear(768, 3072), up, (0,)), "mlp_down": TCURLinear(nn.Linear(3072, 768), down, (0,))}
-    assert {k: v.path(64) for k, v in layers.items()} == {
-        "qkv": "activation", "out_proj": "factored", "mlp_up": "activation", "mlp_down": "activation"}
-    with torch.no_grad():
-        assert {v.path(64) for v in layers.values()} == {"factored"}
 
 
 def test_fused_path_refuses_a_trainable_base_weight(tiny_unetr, volume):

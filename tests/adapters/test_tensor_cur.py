@@ -127,18 +127,6 @@ def test_slices_without_fft_match_the_t_product():
     torch.testing.assert_close(apply_t_product_slices(x, A_flat, roll, B_stack), torch.einsum("ti,sio->tso", x, expected))
 
 
-@pytest.mark.parametrize("n3", [1, 5, 6])
-def test_block_circulant_core_is_the_t_product_along_the_stack(n3):
-    """H · circ(U) with H's slices side by side is H ∗ U (slices of (1, r, n3) tensors per token)."""
-    from tcurlora_seg.adapters.tensor_cur import block_circulant
-
-    H, U = torch.randn(7, 3, n3), torch.randn(3, 2, n3)  # 7 tokens, r = 3 -> 2
-    flat = H.permute(0, 2, 1).reshape(7, -1)  # block a = H_a
-    G = (flat @ block_circulant(U)).reshape(7, n3, 2).permute(0, 2, 1)  # (7, 2, n3)
-    expected = torch.stack([circular_t_product(H[t : t + 1], U)[0] for t in range(7)])
-    torch.testing.assert_close(G, expected)
-
-
 @pytest.mark.parametrize("n3", [5, 6, 12])  # odd and even stacks: the rfft's Nyquist frequency
 def test_core_gradient_from_factors_equals_autograd_through_the_t_product(n3):
     """∂L/∂U for L = sum_i <x (C ∗ U ∗ R)_{k_i}, g_i> from x·C and g·Rᵀ alone (the fused path's backward)."""
