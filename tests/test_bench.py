@@ -101,6 +101,7 @@ def test_bench_measures_each_method_on_the_paper_unetr(tmp_path):
     assert "| tcurlora-auto |" in result.stdout
 
 
+@pytest.mark.slow  # five processes each building the 92 M-parameter ViT-B UNETR: about 2 min on 2 cores; -m slow
 def test_the_gpu_benchmark_script_runs_whole_on_a_cpu_at_a_tiny_setting(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "OUT": str(tmp_path), "DEVICE": "cpu",
            "CROP": "32", "BATCH": "1", "STEPS": "1", "WARMUP": "0", "ROUNDS": "1", "METHODS": "floor tcurlora-auto",
