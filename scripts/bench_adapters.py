@@ -240,10 +240,8 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
     # all of them instead of biasing whichever ran last.
     methods = args.methods + (["inference"] if not args.no_inference else [])
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    start = time.monotonic()
-    rounds = args.rounds
+    start, rounds, budget = time.monotonic(), args.rounds, getattr(args, "budget_s", None)
     for round_ in range(args.rounds):
-        budget = getattr(args, "budget_s", None)
         if round_ and budget is not None and (time.monotonic() - start) * (round_ + 1) / round_ > budget:
             rounds = round_
             print(f"stopping after {round_} round(s): another would end past --budget-s {budget:g}", file=sys.stderr)
