@@ -107,6 +107,13 @@ def time_steps(fn, steps: int, warmup: int, device: torch.device) -> list[float]
     return times
 
 
+def batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.autocast]:
+    """The benchmark's input, its label and the autocast context of ``--precision``."""
+    x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
+    y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
+    return x, y, torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
 def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> Callable[[], None]:
     """One Adam step of ``model`` on (x, y), the trainer's loss."""
     model.train()
@@ -130,9 +137,7 @@ def interleaved(args: argparse.Namespace) -> dict:
     mode measures that. Inference: the base model and the merged tCURLoRA model, alternating likewise."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
-    y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
+    x, y, autocast = batch(args, device)
     calls, trainable = {}, {}
     for method in args.methods:
         model = prepare(method, network(args.model, args.crop).to(device), args.rank, args.model)
@@ -165,11 +170,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One method in this process: time training steps, and for tCURLoRA also merged inference."""
     torch.manual_seed(0)
     device = torch.device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     method = args.worker
     model = network(args.model, args.crop).to(device)
-    x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
-    y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
+    x, y, autocast = batch(args, device)
     result: dict = {"method": method}
 
     if method == "inference":  # base model vs merged tCURLoRA, same process, same input

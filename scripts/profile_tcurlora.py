@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import METHODS, network, prepare, training_step  # noqa: E402
+from bench_adapters import METHODS, batch, network, prepare, training_step  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::bmm", "aten::addmm")  # not aten::linear: it only calls addmm / mm, counted once there
 
@@ -33,10 +33,7 @@ def profile_method(args: argparse.Namespace, method: str) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     model = prepare(method, network(args.model, args.crop).to(device), args.rank, args.model)
-    x = torch.randn(args.batch, 1, *(args.crop,) * 3, device=device)
-    y = (torch.rand(args.batch, 1, *(args.crop,) * 3, device=device) > 0.7).float()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    step = training_step(model, x, y, autocast)
+    step = training_step(model, *batch(args, device))
     for _ in range(args.warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
