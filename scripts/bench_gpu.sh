@@ -6,7 +6,7 @@
 #
 #   OUT=results scripts/bench_gpu.sh                         # on the GPU machine (PYTHON=... for another interpreter)
 #   DEVICE=cpu CROP=32 BATCH=1 STEPS=1 WARMUP=0 ROUNDS=1 PRECISIONS=fp32 METHODS="floor tcurlora-auto" scripts/bench_gpu.sh
-#                                                            # the same script, tiny, on a CPU (tests/test_bench.py)
+#                                                            # the same script, tiny, on a CPU (tests/test_bench.py, -m slow)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}

@@ -27,7 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tcurlora_seg.adapters.tensor_cur import apply_t_product_slices, circulant_roll, t_product  # noqa: E402
+from tcurlora_seg.adapters.tensor_cur import (  # noqa: E402
+    apply_t_product_slices,
+    circulant_roll,
+    circulant_slices,
+    t_product,
+)
 
 # ViT-B's linears as slices of its three tensors: (n1, n2, n3, slices of the linear)
 LINEARS = {"qkv": (768, 768, 48, 3), "out_proj": (768, 768, 48, 1), "mlp_up": (768, 3072, 12, 1), "mlp_down": (3072, 768, 12, 1)}
@@ -38,12 +43,6 @@ def block_circulant(U: torch.Tensor) -> torch.Tensor:
     r, _, n3 = U.shape
     m = torch.arange(n3, device=U.device)
     return U[:, :, (m[None, :] - m[:, None]) % n3].permute(2, 0, 3, 1).reshape(n3 * r, n3 * r)
-
-
-def circulant_slices(H: torch.Tensor, roll: torch.Tensor, Rstack: torch.Tensor) -> torch.Tensor:
-    """sum_c H_{(k − c) mod n3} R_c for the slices k of ``roll``: the re-indexing of the factored path, R on the right."""
-    tokens = H.shape[0]
-    return H.view(tokens, roll.shape[1], -1)[:, roll.flatten(), :].reshape(tokens, roll.shape[0], -1) @ Rstack
 
 
 def activation_side_circulant(x, Cflat, Ucirc, roll, Rstack):

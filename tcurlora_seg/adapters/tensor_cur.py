@@ -18,6 +18,7 @@ __all__ = [
     "circulant_roll",
     "t_product_slices",
     "apply_t_product_slices",
+    "circulant_slices",
     "core_grad_from_factors",
 ]
 
@@ -123,9 +124,13 @@ def apply_t_product_slices(x: Tensor, A_flat: Tensor, roll: Tensor, B_stack: Ten
     ``H = x · A_flat`` is computed once for all slices (q, k and v of a layer share it) and re-indexed per slice;
     cost per token n1·n3·r + s·n3·r·n2 instead of forming s full n1 × n2 matrices.
     """
-    tokens = x.shape[0]
+    return circulant_slices(x @ A_flat, roll, B_stack)  # (T, n1) @ (n1, n3*r): H for all slices at once
+
+
+def circulant_slices(H: Tensor, roll: Tensor, B_stack: Tensor) -> Tensor:
+    """``sum_j H_{(k-j) mod n3} B_j`` for the slices k of ``roll``: H (T, n3·r) with block j = H_j -> (T, s, n2)."""
+    tokens = H.shape[0]
     s, n3 = roll.shape
-    H = x @ A_flat  # (T, n1) @ (n1, n3*r) -> (T, n3*r)
     Hk = H.view(tokens, n3, -1)[:, roll.flatten(), :]  # (T, s*n3, r)
     return Hk.reshape(tokens, s, -1) @ B_stack  # (T, s, n3*r) @ (n3*r, n2) -> (T, s, n2)
 
