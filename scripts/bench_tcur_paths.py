@@ -14,6 +14,12 @@ model (ViT-B UNETR, 64³ and 128³, bench_adapters.py --interleave) it did not m
 (docs/benchmark.md).
 - base: the frozen linear itself (input gradient only), for scale.
 Each candidate is first checked in float64 against the factored path (outputs and both gradients).
+
+``--group`` measures instead the one part of the backward that could wait for a whole tensor group (the issue's
+"one autograd node per group"): V's gradient, sum over the group's linears of Hkᵀ · g, as one matrix product per
+linear (the package) or as one product over all of a group's linears at once (their operands concatenated, the
+concatenation timed too); ViT-B's three groups, ms per training step. The rest of the backward (the input gradient)
+cannot wait: each layer's input gradient feeds the layer below.
 """
 
 from __future__ import annotations
@@ -114,13 +120,59 @@ def bench(name: str, tokens: int, args: argparse.Namespace) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# ViT-B's three groups as (linears, slices per linear, n3·r at r = 8 per n3, n2): attention 12 qkv + 12 out_proj
+GROUPS = {"attn": [(12, 3), (12, 1)], "mlp_up": [(12, 1)], "mlp_down": [(12, 1)]}
+
+
+def group_core_grads(tokens: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """Per group: (ms per step with one Hkᵀ·g product per linear, ms with one product for the whole group)."""
+    out = {}
+    for group, linears in GROUPS.items():
+        n1, n2, n3, _ = LINEARS["qkv" if group == "attn" else group]
+        width = n3 * args.rank
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pairs = [(torch.randn(tokens * s, width, generator=g).to(args.device), torch.randn(tokens * s, n2, generator=g).to(args.device))
+                 for count, s in linears for _ in range(count)]
+
+        def per_linear():
+            grad = torch.zeros(width, n2, device=args.device)
+            for Hk, gk in pairs:
+                grad.addmm_(Hk.t(), gk)
+            return grad
+
+        def batched():
+            return torch.cat([Hk for Hk, _ in pairs]).t() @ torch.cat([gk for _, gk in pairs])
+
+        torch.testing.assert_close(batched(), per_linear(), rtol=1e-4, atol=1e-3)
+        times: dict[str, list[float]] = {"per linear": [], "batched": []}
+        for _ in range(args.reps):
+            for key, fn in (("per linear", per_linear), ("batched", batched)):
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[key].append((time.perf_counter() - start) * 1e3)
+        out[group] = (statistics.median(times["per linear"]), statistics.median(times["batched"]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--group", action="store_true", help="time V's gradient per linear vs one product per tensor group")
     args = parser.parse_args()
+    if args.group:
+        print("| tokens | group | per linear, ms/step | batched per group, ms/step | saved |")
+        print("|---:|---|---:|---:|---:|")
+        for tokens in args.tokens:
+            for group, (each, once) in group_core_grads(tokens, args).items():
+                print(f"| {tokens} | {group} | {each:.2f} | {once:.2f} | {each - once:+.2f} |")
+        return
     check_exact()
     print("float64 check: every candidate equals the factored path (output, input and core gradients)")
     print("| linear | tokens | " + " | ".join(["factored", "activation-side, circulant", "activation-side, FFT", "base"]) + " |")

@@ -134,3 +134,14 @@ def test_bench_measures_swin_unetr_with_its_own_floor(tmp_path):
     assert report["settings"]["model"] == "swin_unetr" and "swin_unetr, 64³ crop" in result.stdout
     patch_embedding = 48 * 1 * 2 * 2 * 2  # the floor's extra tensor (the patch embedding's weight)
     assert rows["tcurlora-auto"]["trainable"] - (rows["floor"]["trainable"] - patch_embedding) == 8 * 8 * 6 * 8
+
+
+def test_tcur_path_candidates_agree_with_the_package_path():
+    """scripts/bench_tcur_paths.py: each candidate it times equals the factored path (float64), and V's gradient
+    batched per tensor group equals the per-linear sum; a candidate that drifted would fail here, not only at the
+    benchmark's start."""
+    paths = load_script("bench_tcur_paths")
+    paths.check_exact()
+    args = argparse.Namespace(rank=2, reps=1, device="cpu")
+    timed = paths.group_core_grads(2, args)  # asserts batched == per linear inside
+    assert set(timed) == set(paths.GROUPS) and all(a > 0 and b > 0 for a, b in timed.values())
