@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tcurlora_seg.adapters import ADAPTERS, apply_adapter, count_trainable, merge_adapter  # noqa: E402
+from tcurlora_seg.adapters.backbones import backbone_of  # noqa: E402
 from tcurlora_seg.models import build_network  # noqa: E402
 
 METHODS = [
@@ -130,6 +131,31 @@ def training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) 
     return step
 
 
+def transformer_step(model: nn.Module, x: torch.Tensor, autocast) -> Callable[[], None]:
+    """One Adam step through the transformer alone (UNETR ``vit``, Swin UNETR ``swinViT``; loss: mean square of every
+    output it hands the decoder): an adapter's cost without the decoder's convolutions, whose time varies more
+    between steps than the whole ViT-B adapter costs at 64³."""
+    model.train()
+    transformer = model.get_submodule(backbone_of(model).transformer)
+    # tCURLoRA's cores live in model.tcur_groups, beside the transformer
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    params += [p for p in getattr(model, "tcur_groups", nn.Module()).parameters() if p.requires_grad]
+    if not params:
+        raise SystemExit("--transformer-only: this method trains nothing in the transformer (decoder_only); leave it out")
+    optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            out = transformer(x)
+            outputs = [out[0], *out[1]] if isinstance(out, tuple) else list(out)  # UNETR: (x, hidden states)
+            loss = sum(o.float().square().mean() for o in outputs)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def interleaved(args: argparse.Namespace) -> dict:
     """Every method's model in this one process, one step of each in turn, ``rounds × steps`` times (after ``warmup``
     steps each): step-time ratios free of what differs between processes (a host's clock, memory placement), which
@@ -141,7 +167,8 @@ def interleaved(args: argparse.Namespace) -> dict:
     calls, trainable = {}, {}
     for method in args.methods:
         model = prepare(method, network(args.model, args.crop).to(device), args.rank, args.model)
-        calls[method], trainable[method] = training_step(model, x, y, autocast), count_trainable(model)
+        step = transformer_step(model, x, autocast) if args.transformer_only else training_step(model, x, y, autocast)
+        calls[method], trainable[method] = step, count_trainable(model)
     if not args.no_inference:
         base = network(args.model, args.crop).to(device).eval()
         merged = network(args.model, args.crop).to(device).eval()
@@ -320,10 +347,14 @@ def main() -> None:
     parser.add_argument("--subprocess", action="store_true", help="GPU: one process per method as on the CPU")
     parser.add_argument("--interleave", action="store_true",
                         help="all methods in this process, one step each in turn: steadier ratios, no peak memory")
+    parser.add_argument("--transformer-only", action="store_true",
+                        help="with --interleave: time the transformer's forward and backward alone (no decoder)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench_results/bench_[<model>_]<device>_<crop>_b<batch>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.transformer_only and not args.interleave:
+        parser.error("--transformer-only needs --interleave")
     if args.worker:
         print(json.dumps(worker(args)))
         return

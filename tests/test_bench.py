@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.run_helpers import load_script
 
@@ -19,7 +20,7 @@ SCRIPT = REPO / "scripts" / "bench_adapters.py"
 
 def args_for(out: Path, methods: list[str]) -> argparse.Namespace:
     return argparse.Namespace(model="unetr", crop=32, batch=1, device="cpu", precision="fp32", rank=2, steps=1, warmup=0, rounds=1,
-                              methods=methods, no_inference=True, subprocess=False, out=out)
+                              methods=methods, no_inference=True, subprocess=False, transformer_only=False, out=out)
 
 
 def test_report_is_written_after_every_method_so_a_cut_off_run_keeps_them(tmp_path, monkeypatch):
@@ -83,6 +84,27 @@ def test_interleaved_mode_alternates_every_method_in_one_process(tmp_path, monke
     assert rows["tcurlora-auto"]["trainable"] - rows["decoder_only"]["trainable"] == 2 * 2 * (48 + 12 + 12)
     assert rows["tcurlora-auto"]["peak_mb"] is None and rows["tcurlora-auto"]["vs_decoder_only"] > 0
     assert rows["inference"]["ratio"] == pytest.approx(rows["inference"]["merged_s"] / rows["inference"]["base_s"])
+
+
+def test_transformer_only_steps_train_the_adapter_and_leave_the_decoder_alone(tmp_path, monkeypatch):
+    from tests.conftest import make_tiny_unetr
+
+    bench = load_script("bench_adapters")
+    model = bench.prepare("tcurlora-auto", make_tiny_unetr(), 2)
+    decoder = {k: v.clone() for k, v in model.decoder2.state_dict().items()}
+    x = torch.randn(1, 1, 32, 32, 32)
+    step = bench.transformer_step(model, x, torch.autocast("cpu", enabled=False))
+    step()
+    step()  # a second pass without the model's pre-hook: the groups drop their factors after each backward
+    assert all(g.tcur_U.abs().sum() > 0 for g in model.tcur_groups.values())
+    assert all(torch.equal(v, model.decoder2.state_dict()[k]) for k, v in decoder.items())
+    with pytest.raises(SystemExit, match="decoder_only"):
+        bench.transformer_step(bench.prepare("decoder_only", make_tiny_unetr(), 2), x, torch.autocast("cpu", enabled=False))
+    monkeypatch.setattr(bench, "network", lambda name, crop: make_tiny_unetr())
+    args = args_for(tmp_path / "bench.json", ["floor", "tcurlora-auto"])
+    args.rounds, args.steps, args.warmup, args.interleave, args.transformer_only = 1, 1, 0, True, True
+    rows = {r["method"]: r for r in bench.interleaved(args)["results"]}
+    assert set(rows) == {"floor", "tcurlora-auto"} and all(r["step_s"] > 0 for r in rows.values())
 
 
 def test_bench_measures_each_method_on_the_paper_unetr(tmp_path):
