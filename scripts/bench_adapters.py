@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="all methods in this process, one step each in turn: steadier ratios, no peak memory")
     parser.add_argument("--transformer-only", action="store_true",
-                        help="with --interleave: time the transformer's forward and backward alone (no decoder)")
+                        help="with --interleave: time the transformer's forward, backward and Adam step alone (no decoder)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench_results/bench_[<model>_]<device>_<crop>_b<batch>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

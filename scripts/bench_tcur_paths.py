@@ -105,22 +105,32 @@ def bench(name: str, tokens: int, args: argparse.Namespace) -> dict[str, float]:
         "base": lambda: (x @ W.t()).view(tokens, s, n2),
     }
     grad = torch.randn(tokens, s, n2, device=args.device)
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.reps):  # alternate, so that drift spreads over all paths
-        for key, path in paths.items():
+
+    def clear_grads() -> None:
+        for t in (x, U, Vstack, Ucirc):
+            t.grad = None
+
+    return alternate({k: (lambda path=path: path().backward(grad)) for k, path in paths.items()}, args, clear_grads)
+
+
+def alternate(calls: dict, args: argparse.Namespace, after=lambda: None) -> dict[str, float]:
+    """Median ms of each call over ``args.reps`` rounds, the calls taken in turn so that drift spreads over all of
+    them; ``after`` runs after each call, outside the timing."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(args.reps):
+        for key, fn in calls.items():
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            path().backward(grad)
+            fn()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times[key].append((time.perf_counter() - start) * 1e3)
-            for t in (x, U, Vstack, Ucirc):
-                t.grad = None
+            after()
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-# ViT-B's three groups as (linears, slices per linear, n3·r at r = 8 per n3, n2): attention 12 qkv + 12 out_proj
+# ViT-B's three groups as [(number of linears, slices per linear)]: attention is 12 qkv (q, k, v) + 12 out_proj
 GROUPS = {"attn": [(12, 3), (12, 1)], "mlp_up": [(12, 1)], "mlp_down": [(12, 1)]}
 
 
@@ -144,17 +154,8 @@ def group_core_grads(tokens: int, args: argparse.Namespace) -> dict[str, tuple[f
             return torch.cat([Hk for Hk, _ in pairs]).t() @ torch.cat([gk for _, gk in pairs])
 
         torch.testing.assert_close(batched(), per_linear(), rtol=1e-4, atol=1e-3)
-        times: dict[str, list[float]] = {"per linear": [], "batched": []}
-        for _ in range(args.reps):
-            for key, fn in (("per linear", per_linear), ("batched", batched)):
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times[key].append((time.perf_counter() - start) * 1e3)
-        out[group] = (statistics.median(times["per linear"]), statistics.median(times["batched"]))
+        times = alternate({"per linear": per_linear, "batched": batched}, args)
+        out[group] = (times["per linear"], times["batched"])
     return out
 
 
