@@ -20,6 +20,11 @@ Each candidate is first checked in float64 against the factored path (outputs an
 linear (the package) or as one product over all of a group's linears at once (their operands concatenated, the
 concatenation timed too); ViT-B's three groups, ms per training step. The rest of the backward (the input gradient)
 cannot wait: each layer's input gradient feeds the layer below.
+
+``--formation`` measures the fixed cost of the fused path and of ``merge()``: every ΔS_k of a tensor, formed per
+linear from the factors (the package: ``t_product_slices``, n1 · n3·r · n2 multiply-adds a slice) or once for the
+whole tensor by FFT along the stack (rank r per frequency: n3 / 2 + 1 products of n1 × r × n2), and adding ΔS to the
+base weights (what the fused path does twice per step), ms per formation of ViT-B's three tensors.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tcurlora_seg.adapters.tensor_cur import (  # noqa: E402
     circulant_roll,
     circulant_slices,
     t_product,
+    t_product_slices,
 )
 
 # ViT-B's linears as slices of its three tensors: (n1, n2, n3, slices of the linear)
@@ -159,6 +165,39 @@ def group_core_grads(tokens: int, args: argparse.Namespace) -> dict[str, tuple[f
     return out
 
 
+def delta_by_fft(C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Every slice of C ∗ V at once, transposed to the weights' layout: (n3, n2, n1), slice k = ΔS_kᵀ."""
+    n3 = C.shape[2]
+    Cf = torch.fft.rfft(C, dim=-1).permute(2, 1, 0)  # (F, r, n1)
+    Vf = torch.fft.rfft(V, dim=-1).permute(2, 1, 0)  # (F, n2, r)
+    return torch.fft.irfft(Vf @ Cf, n=n3, dim=0)
+
+
+def formation(args: argparse.Namespace, shapes: dict | None = None) -> dict[str, dict[str, float]]:
+    """Per tensor: ms to form all its ΔS_k per linear (the package) and by one FFT, and to add them to W.
+    ``shapes``: {tensor: (n1, n2, n3, [(linears, slices each)])}, ViT-B's by default."""
+    shapes = shapes or {group: LINEARS["qkv" if group == "attn" else group][:3] + (linears,) for group, linears in GROUPS.items()}
+    out = {}
+    for group, (n1, n2, n3, linears) in shapes.items():
+        g = torch.Generator(device="cpu").manual_seed(0)
+        C, U, R = (torch.randn(*shape, generator=g).to(args.device) for shape in ((n1, args.rank, n3), (args.rank, args.rank, n3), (args.rank, n2, n3)))
+        V = t_product(U, R)
+        Cflat, Vstack = C.permute(0, 2, 1).reshape(n1, -1).contiguous(), V.permute(2, 0, 1).reshape(-1, n2).contiguous()
+        first = [0]  # the first slice of each linear, in stacking order
+        for count, s in linears:
+            first += [first[-1] + s * (i + 1) for i in range(count)]
+        rolls = [circulant_roll(tuple(range(a, b)), n3).to(args.device) for a, b in zip(first, first[1:])]
+        W = torch.randn(n3, n2, n1, device=args.device)
+
+        def per_linear():  # as the fused path and merge() form them: one linear's slices at a time
+            return [t_product_slices(Cflat, roll, Vstack) for roll in rolls]
+
+        delta = delta_by_fft(C, V)
+        torch.testing.assert_close(delta, torch.cat(per_linear()).transpose(1, 2), rtol=1e-4, atol=1e-4 * float(delta.abs().max()))
+        out[group] = alternate({"per linear": per_linear, "FFT": lambda: delta_by_fft(C, V), "W + ΔS": lambda: W + delta}, args)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[64, 512])
@@ -166,7 +205,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--group", action="store_true", help="time V's gradient per linear vs one product per tensor group")
+    parser.add_argument("--formation", action="store_true", help="time forming every ΔS_k per linear vs by one FFT per tensor")
     args = parser.parse_args()
+    if args.formation:
+        print("| tensor | ΔS per linear, ms | ΔS by FFT, ms | W + ΔS, ms |")
+        print("|---|---:|---:|---:|")
+        for group, t in formation(args).items():
+            print(f"| {group} | {t['per linear']:.1f} | {t['FFT']:.1f} | {t['W + ΔS']:.1f} |")
+        return
     if args.group:
         print("| tokens | group | per linear, ms/step | batched per group, ms/step | saved |")
         print("|---:|---|---:|---:|---:|")

@@ -167,3 +167,7 @@ def test_tcur_path_candidates_agree_with_the_package_path():
     args = argparse.Namespace(rank=2, reps=1, device="cpu")
     timed = paths.group_core_grads(2, args)  # asserts batched == per linear inside
     assert set(timed) == set(paths.GROUPS) and all(a > 0 and b > 0 for a, b in timed.values())
+    # every ΔS_k of a tensor by one FFT equals the package's per-linear slices (asserted inside), q/k/v-like
+    # linears of 3 slices and single-slice ones mixed as in the attention tensor
+    formed = paths.formation(args, {"attn-like": (6, 5, 8, [(2, 3), (2, 1)])})
+    assert set(formed["attn-like"]) == {"per linear", "FFT", "W + ΔS"}
