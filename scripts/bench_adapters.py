@@ -49,7 +49,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tcurlora_seg.adapters import ADAPTERS, apply_adapter, count_trainable, merge_adapter  # noqa: E402
+from tcurlora_seg.adapters import ADAPTERS, apply_adapter, count_trainable, merge_adapter, trainable_groups  # noqa: E402
 from tcurlora_seg.adapters.backbones import backbone_of  # noqa: E402
 from tcurlora_seg.models import build_network  # noqa: E402
 
@@ -137,9 +137,8 @@ def transformer_step(model: nn.Module, x: torch.Tensor, autocast) -> Callable[[]
     between steps than the whole ViT-B adapter costs at 64³."""
     model.train()
     transformer = model.get_submodule(backbone_of(model).transformer)
-    # tCURLoRA's cores live in model.tcur_groups, beside the transformer
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    params += [p for p in getattr(model, "tcur_groups", nn.Module()).parameters() if p.requires_grad]
+    # the method's own tensors, wherever they live (tCURLoRA's cores and LoRA-PT's factors sit beside the transformer)
+    params = trainable_groups(model)[0]
     if not params:
         raise SystemExit("--transformer-only: this method trains nothing in the transformer (decoder_only); leave it out")
     optimizer = torch.optim.Adam(params, lr=1e-3, weight_decay=1e-5)

@@ -98,6 +98,11 @@ def test_transformer_only_steps_train_the_adapter_and_leave_the_decoder_alone(tm
     step()  # a second pass without the model's pre-hook: the groups drop their factors after each backward
     assert all(g.tcur_U.abs().sum() > 0 for g in model.tcur_groups.values())
     assert all(torch.equal(v, model.decoder2.state_dict()[k]) for k, v in decoder.items())
+    # LoRA-PT's factors, like tCURLoRA's cores, live beside the transformer (model.lorapt_groups): they train too
+    model = bench.prepare("lora_pt", make_tiny_unetr(), 2)
+    factors = {k: v.clone() for k, v in model.lorapt_groups.named_parameters()}
+    bench.transformer_step(model, x, torch.autocast("cpu", enabled=False))()
+    assert factors and all(not torch.equal(v, model.lorapt_groups.get_parameter(k)) for k, v in factors.items())
     with pytest.raises(SystemExit, match="decoder_only"):
         bench.transformer_step(bench.prepare("decoder_only", make_tiny_unetr(), 2), x, torch.autocast("cpu", enabled=False))
     monkeypatch.setattr(bench, "network", lambda name, crop: make_tiny_unetr())
