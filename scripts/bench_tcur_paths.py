@@ -30,6 +30,7 @@ base weights (what the fused path does twice per step), ms per formation of ViT-
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -138,13 +139,15 @@ def alternate(calls: dict, args: argparse.Namespace, after=lambda: None) -> dict
 
 # ViT-B's three groups as [(number of linears, slices per linear)]: attention is 12 qkv (q, k, v) + 12 out_proj
 GROUPS = {"attn": [(12, 3), (12, 1)], "mlp_up": [(12, 1)], "mlp_down": [(12, 1)]}
+# each group's stacked tensor (n1, n2, n3)
+TENSORS = {group: LINEARS["qkv" if group == "attn" else group][:3] for group in GROUPS}
 
 
 def group_core_grads(tokens: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     """Per group: (ms per step with one Hkᵀ·g product per linear, ms with one product for the whole group)."""
     out = {}
     for group, linears in GROUPS.items():
-        n1, n2, n3, _ = LINEARS["qkv" if group == "attn" else group]
+        _, n2, n3 = TENSORS[group]
         width = n3 * args.rank
         g = torch.Generator(device="cpu").manual_seed(0)
         pairs = [(torch.randn(tokens * s, width, generator=g).to(args.device), torch.randn(tokens * s, n2, generator=g).to(args.device))
@@ -176,17 +179,16 @@ def delta_by_fft(C: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 def formation(args: argparse.Namespace, shapes: dict | None = None) -> dict[str, dict[str, float]]:
     """Per tensor: ms to form all its ΔS_k per linear (the package) and by one FFT, and to add them to W.
     ``shapes``: {tensor: (n1, n2, n3, [(linears, slices each)])}, ViT-B's by default."""
-    shapes = shapes or {group: LINEARS["qkv" if group == "attn" else group][:3] + (linears,) for group, linears in GROUPS.items()}
+    shapes = shapes or {group: TENSORS[group] + (linears,) for group, linears in GROUPS.items()}
     out = {}
     for group, (n1, n2, n3, linears) in shapes.items():
         g = torch.Generator(device="cpu").manual_seed(0)
         C, U, R = (torch.randn(*shape, generator=g).to(args.device) for shape in ((n1, args.rank, n3), (args.rank, args.rank, n3), (args.rank, n2, n3)))
         V = t_product(U, R)
         Cflat, Vstack = C.permute(0, 2, 1).reshape(n1, -1).contiguous(), V.permute(2, 0, 1).reshape(-1, n2).contiguous()
-        first = [0]  # the first slice of each linear, in stacking order
-        for count, s in linears:
-            first += [first[-1] + s * (i + 1) for i in range(count)]
-        rolls = [circulant_roll(tuple(range(a, b)), n3).to(args.device) for a, b in zip(first, first[1:])]
+        sizes = [s for count, s in linears for _ in range(count)]  # slices of each linear, in stacking order
+        rolls = [circulant_roll(tuple(range(start, start + s)), n3).to(args.device)
+                 for start, s in zip(itertools.accumulate(sizes, initial=0), sizes)]
         W = torch.randn(n3, n2, n1, device=args.device)
 
         def per_linear():  # as the fused path and merge() form them: one linear's slices at a time
