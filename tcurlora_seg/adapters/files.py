@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tcurlora_seg.models.checkpoint import atomic_write
+from tcurlora_seg.atomic import atomic_write
 
 from . import adapter_state_dict, apply_adapter, load_adapter_state_dict
 

@@ -32,7 +32,7 @@ from tcurlora_seg.adapters import merged_state_dict
 from tcurlora_seg.engine.inference import DEFAULT_OVERLAP
 from tcurlora_seg.engine.run import load_run_config, restore_model
 from tcurlora_seg.errors import UserError
-from tcurlora_seg.models.checkpoint import atomic_write
+from tcurlora_seg.atomic import atomic_write
 from tcurlora_seg.models import architecture
 
 __all__ = ["export_bundle", "inference_config", "metadata", "network_def", "preprocessing"]

@@ -88,7 +88,8 @@ def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.M
     model = build_network(cfg.model, img_size=OmegaConf.select(cfg, "data.roi_size"))  # errors name data.roi_size
     report = None
     if pretrained and cfg.model.get("pretrained"):
-        report = load_pretrained(model, cfg.model.pretrained)
+        channels = OmegaConf.to_container(cfg.model, resolve=True).get("pretrained_channels")
+        report = load_pretrained(model, cfg.model.pretrained, channels=channels)
     name, options = _peft_options(cfg, report)
     try:
         apply_adapter(model, name, **options)

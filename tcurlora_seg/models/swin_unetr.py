@@ -10,7 +10,9 @@ Config keys (``configs/model/swin_unetr*.yaml``; absent architecture keys take M
     depths, num_heads           blocks and heads per stage (2-2-2-2, 3-6-12-24)
     window_size, patch_size, qkv_bias, mlp_ratio, norm_name, drop_rate, attn_drop_rate, dropout_path_rate, normalize,
     patch_norm, use_checkpoint, downsample, use_v2
-    name, pretrained            not used to build: ``pretrained`` is a checkpoint path for :func:`load_pretrained_swin`
+    name, pretrained            not used to build: ``pretrained`` is a checkpoint path, adapter folder or MONAI Bundle
+                                for :func:`load_pretrained_swin`
+    pretrained_channels         a source channel per model input channel, or ``mean`` (as for UNETR)
 
 Checkpoints accepted by :func:`load_pretrained_swin` (``torch.load(weights_only=True)``):
     ours / plain        a MONAI ``SwinUNETR`` state dict, bare or under ``model`` / ``state_dict``, maybe ``module.``-prefixed
@@ -18,6 +20,10 @@ Checkpoints accepted by :func:`load_pretrained_swin` (``torch.load(weights_only=
                         ``mlp.fc1`` / ``mlp.fc2``, no ``swinViT.`` prefix, no decoder): the transformer is loaded, the
                         rest initialised and reported
     adapter folder      a run's ``adapter/``, merged onto the base it names (as for UNETR)
+    MONAI Bundle        ``configs/inference.json`` + ``models/model.pt`` (MONAI's model zoo, ``make export``)
+Adapted and reported: another window size (relative-position bias tables resampled over the (2w-1)³ offsets, as
+Swin V1 fine-tuning at another window does; equal windows stay bit-exact), another channel count
+(``pretrained_channels``), another class count (head re-initialised).
 Traps between MONAI versions: ``downsample="merging"`` (the v0.9 order that MONAI's pretrained weights use) and
 ``"mergingv2"`` sample the 2×2×2 neighbours in a different order, so a ``reduction`` weight trained with one silently
 permutes features under the other: our checkpoints record ``downsample`` and a mismatch is refused; other files
@@ -37,7 +43,10 @@ from monai.networks.nets import SwinUNETR
 from omegaconf import DictConfig
 
 from tcurlora_seg.errors import UserError
-from tcurlora_seg.models.unetr import LoadReport, _apply_load, _as_dict, _first, _read_state
+from tcurlora_seg.models.loading import (
+    LoadReport, adapt_input_channels, apply_load, as_dict, check_network, cube_side, first, grid_text, read_state,
+    resample_grid, saved_model_config,
+)
 
 __all__ = ["SWIN_ARCH_KEYS", "build_swin_unetr", "load_pretrained_swin"]
 
@@ -47,7 +56,7 @@ SWIN_ARCH_KEYS = (
     "feature_size", "norm_name", "drop_rate", "attn_drop_rate", "dropout_path_rate", "normalize", "patch_norm",
     "use_checkpoint", "downsample", "use_v2",
 )  # fmt: skip
-_OTHER_KEYS = ("backbone", "img_size", "name", "pretrained")
+_OTHER_KEYS = ("backbone", "img_size", "name", "pretrained", "pretrained_channels")
 _DIVISOR = 32  # patch 2 and four 2× patch mergings
 _MIN_SIZE = 64  # the bottleneck needs more than one voxel for instance norm
 # Frozen by every adapter and needed for the pretrained features.
@@ -55,6 +64,16 @@ _TRANSFORMER = "swinViT."
 _ENCODERS = ("encoder1.", "encoder2.", "encoder3.", "encoder4.", "encoder10.")
 # The self-supervised checkpoint's heads (rotation, contrastive, reconstruction): no use in segmentation.
 _SSL_HEADS = re.compile(r"^(rotation_head|contrastive_head|convTrans3d|conv)\b")
+# The tensors that read the image (conv layout): model.pretrained_channels applies to them.
+_IMAGE_READERS = (_TRANSFORMER + "patch_embed.proj.weight", "encoder1.layer.conv1.conv.weight",
+                  "encoder1.layer.conv3.conv.weight")
+# Each block's bias over the (2w-1)³ window offsets, and the index into it, which the model builds for its window.
+_BIAS_TABLE = re.compile(r"\.attn\.relative_position_bias_table$")
+_BIAS_INDEX = re.compile(r"\.attn\.relative_position_index$")
+_BUNDLE_CLASSES = ("SwinUNETR", "monai.networks.nets.SwinUNETR", "monai.networks.nets.swin_unetr.SwinUNETR")
+_ADAPTED = {"window_size": "relative-position bias resampled", "in_channels": "by model.pretrained_channels",
+            "out_channels": "head re-initialised"}
+_NO_WEIGHTS = ("drop_rate", "attn_drop_rate", "dropout_path_rate", "use_checkpoint")
 
 
 def build_swin_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int | list[int] | None = None) -> SwinUNETR:
@@ -63,7 +82,7 @@ def build_swin_unetr(cfg_model: Mapping[str, Any] | DictConfig, *, img_size: int
     ``img_size``: the data ``roi_size``, checked against ``model.img_size`` when both are set. Returns an untrained
     ``SwinUNETR`` mapping (B, in_channels, D, H, W) to logits (B, out_channels, D, H, W), D, H, W divisible by 32.
     """
-    cfg = _as_dict(cfg_model)
+    cfg = as_dict(cfg_model)
     unknown = sorted(k for k in cfg if k not in SWIN_ARCH_KEYS + _OTHER_KEYS and not str(k).startswith("_"))
     if unknown:
         raise UserError(f"model.{unknown[0]}: unknown key for backbone swin_unetr; known keys are "
@@ -121,17 +140,71 @@ def _from_self_supervised(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return renamed
 
 
-def load_pretrained_swin(model: SwinUNETR, path: str | os.PathLike) -> LoadReport:
+def describe_swin(model: SwinUNETR) -> dict[str, Any]:
+    """The architecture keys of a built SwinUNETR, read from its modules (what a Bundle's network_def is checked against)."""
+    vit = model.swinViT
+    stages = [getattr(vit, f"layers{i}")[0] for i in range(1, 5)]
+    attn = stages[0].blocks[0].attn
+    return {"in_channels": vit.patch_embed.proj.in_channels, "out_channels": model.out.conv.conv.out_channels,
+            "feature_size": vit.embed_dim, "depths": [len(stage.blocks) for stage in stages],
+            "num_heads": [stage.blocks[0].attn.num_heads for stage in stages], "window_size": list(vit.window_size),
+            "patch_size": list(vit.patch_size) if isinstance(vit.patch_size, (tuple, list)) else vit.patch_size,
+            "qkv_bias": attn.qkv.bias is not None, "use_v2": bool(vit.use_v2),
+            "downsample": _merging_name(stages[0].downsample)}
+
+
+def _window(rows: int, saved: Mapping[str, Any] | None) -> list[int] | None:
+    """The window a bias table of ``rows`` offsets was trained for: (2w-1)³ rows, or the recorded window_size."""
+    size = saved.get("window_size") if saved else None
+    if size is not None:
+        window = [int(size)] * 3 if isinstance(size, int) else [int(w) for w in size]
+        if len(window) == 3 and _offsets(window) == rows:
+            return window
+    side = cube_side(rows)
+    return [(side + 1) // 2] * 3 if side and side % 2 else None
+
+
+def _offsets(window: list[int]) -> int:
+    return (2 * window[0] - 1) * (2 * window[1] - 1) * (2 * window[2] - 1)
+
+
+def _resample_bias(state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], window: list[int],
+                   saved: Mapping[str, Any] | None, path: str) -> str | None:
+    """Relative-position bias tables of another window size resampled to the model's window, in place (the index
+    buffers are the model's own); the report's note, or None when every table fits."""
+    tables = [k for k in state if _BIAS_TABLE.search(k) and k in target and state[k].shape != target[k].shape
+              and state[k].shape[-1] == target[k].shape[-1]]
+    if not tables:
+        return None
+    src = _window(state[tables[0]].shape[0], saved)
+    if src is None:
+        raise UserError(f"checkpoint {path}: its relative-position bias tables ({state[tables[0]].shape[0]} rows) fit "
+                        f"no cubic window and it records no window_size; set model.window_size to the checkpoint's")
+    grid_src, grid_dst = [2 * w - 1 for w in src], [2 * w - 1 for w in window]
+    for key in tables:
+        state[key] = resample_grid(state[key], grid_src, grid_dst)
+    for key in [k for k in state if _BIAS_INDEX.search(k) and k in target]:
+        state[key] = target[key]  # a function of the window alone: the model's
+    return (f"Relative-position bias of {len(tables)} blocks resampled from window {grid_text(src)} to "
+            f"{grid_text(window)} ({grid_text(grid_src)} -> {grid_text(grid_dst)} offsets), trilinear.")
+
+
+def load_pretrained_swin(model: SwinUNETR, path: str | os.PathLike, *,
+                         channels: list[int] | str | None = None) -> LoadReport:
     """Load pretrained weights into a SwinUNETR (in place) and report what happened.
 
     Strict for the transformer (``swinViT``): a missing, extra or differently shaped tensor there is an error naming
     the keys and what to set. The skip encoders are strict when the file has them (a whole SwinUNETR), and are
     initialised and reported when it has none (the self-supervised encoder). A different ``out`` head (class count)
-    is re-initialised and reported; so is any decoder tensor the file lacks.
+    is re-initialised and reported; so is any decoder tensor the file lacks. Adapted and reported: another
+    ``window_size`` (each block's relative-position bias resampled over the window offsets), another channel count
+    (``channels`` = ``model.pretrained_channels``, on ``swinViT.patch_embed`` and encoder1).
     """
     path = os.fspath(path)
-    state, report = _read_state(path)
-    config = report.checkpoint_config
+    state, report = read_state(path)
+    saved = saved_model_config(report)
+    check_network(report, _BUNDLE_CLASSES, describe_swin(model), adaptable=_ADAPTED, harmless=_NO_WEIGHTS,
+                  backbone="model=swin_unetr")
     renamed = _from_self_supervised(state)
     if renamed is not None:
         state = renamed
@@ -142,14 +215,16 @@ def load_pretrained_swin(model: SwinUNETR, path: str | os.PathLike) -> LoadRepor
     if not any(key.startswith(_TRANSFORMER) and key in target for key in state):
         unetr = any(key.startswith("vit.blocks.") for key in state)
         raise UserError(f"checkpoint {path}: none of its {len(state)} tensors is a SwinUNETR transformer key (e.g. "
-                        f"{_first(sorted(state), 2)}); it is not a MONAI SwinUNETR checkpoint"
+                        f"{first(sorted(state), 2)}); it is not a MONAI SwinUNETR checkpoint"
                         + ("; it holds a UNETR (vit.blocks): use model=unetr" if unetr else ""))
-    saved = config.get("model", config) if isinstance(config, Mapping) else None
     ours = model.swinViT.layers1[0].downsample
-    if isinstance(saved, Mapping) and saved.get("downsample", "merging") != _merging_name(ours):
+    if saved is not None and saved.get("downsample", "merging") != _merging_name(ours):
         raise UserError(f"checkpoint {path}: trained with model.downsample={saved.get('downsample', 'merging')}, the model "
                         f"uses {_merging_name(ours)}: the patch-merging order differs and would permute its features; "
                         f"set model.downsample={saved.get('downsample', 'merging')}")
+    notes = [adapt_input_channels(state, _IMAGE_READERS, model.swinViT.patch_embed.proj.in_channels, channels, path),
+             _resample_bias(state, target, list(model.swinViT.window_size), saved, path)]
+    report.notes.extend(n for n in notes if n)
     has_encoders = any(k.startswith(_ENCODERS) for k in state)
     strict = (_TRANSFORMER, *(_ENCODERS if has_encoders else ()))
     to_load, mismatched = {}, []
@@ -171,9 +246,9 @@ def load_pretrained_swin(model: SwinUNETR, path: str | os.PathLike) -> LoadRepor
             report.missing.append(key)
     if mismatched:
         raise UserError(f"checkpoint {path}: {len(mismatched)} transformer/encoder tensors do not fit the model: "
-                        f"{_first(mismatched)}; model.feature_size/depths/num_heads/window_size/use_v2 must match the "
-                        f"checkpoint ({_describe(state)})")
-    return _apply_load(model, report, state, to_load)
+                        f"{first(mismatched)}; model.feature_size/depths/num_heads/patch_size/use_v2 must match the "
+                        f"checkpoint ({_describe(state)}; window_size and in_channels are adapted)")
+    return apply_load(model, report, state, to_load)
 
 
 def _merging_name(module: torch.nn.Module | None) -> str:
