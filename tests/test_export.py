@@ -92,3 +92,28 @@ def test_bad_export_calls_are_one_line_errors(run: Path, tmp_path: Path) -> None
     assert_one_line_error(run_module("tcurlora_seg.export", f"run_dir={run}", f"out={tmp_path / 'b'}",
                                      "checkpoint=epoch_0042", cwd=tmp_path), "epoch_0042")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_is_a_source_model_for_the_next_fine_tuning(run: Path, tmp_path: Path, request) -> None:
+    """The round trip: export a fine-tuned run, then fine-tune again from the Bundle (model.pretrained=BUNDLE): the
+    rebuilt base is the bundle's network, tensor for tensor, and training from it runs."""
+    from tcurlora_seg.engine.run import build_model, load_run_config
+    from tests.test_train import only_run, tiny_run, train
+
+    bundle = tmp_path / "bundle"
+    assert run_module("tcurlora_seg.export", f"run_dir={run}", f"out={bundle}", cwd=tmp_path).returncode == 0
+    cfg = load_run_config(run)
+    cfg.model.pretrained = str(bundle)
+    model, report = build_model(cfg)
+    weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert report.source_format == "MONAI Bundle" and set(report.loaded) == set(weights)
+    assert "Bundle network UNETR: the same architecture as the run's model." in report.notes
+    base = model.state_dict()  # frozen ViT keys keep their names under the adapter
+    assert all(torch.equal(base[k], weights[k]) for k in weights if k.startswith("vit.") and k in base)
+    if request.node.callspec.params["run"] != "as stored":
+        return  # one fine-tuning through the entry point is enough
+    result = train(tmp_path, *tiny_run(Path(cfg.data.root), f"model.pretrained={bundle}", "trainer.max_epochs=1",
+                                       "trainer.epoch_length=1", "trainer.val_interval=0"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MONAI Bundle format" in result.stdout + result.stderr
+    assert (only_run(tmp_path) / "checkpoints" / "best.pt").is_file() or (only_run(tmp_path) / "checkpoints" / "last.pt").is_file()

@@ -61,13 +61,15 @@ def ensure_pretrained(cfg: DictConfig) -> None:
 
         root = Path(cfg.data.root)
         build_demo(root.parent, seed=int(cfg.data.demo.get("seed", 0)), tasks=[cfg.data.demo.get("task", root.name)])
+    if Path(path).is_dir() and not experiment:
+        return  # an adapter folder or a MONAI Bundle: the loader reads and checks it
     if Path(path).is_file():
         stale = _source_mismatch(Path(path), cfg) if experiment else []
         if not stale:
             return
         log.info(f"{path} was pretrained for another model ({'; '.join(stale)}): pretraining it again")
     elif not experiment:
-        raise UserError(f"model.pretrained={path}: file not found; pass the source model's checkpoint (or model.pretrained=null to train from scratch)")
+        raise UserError(f"model.pretrained={path}: not found; pass the source model (a checkpoint file, adapter folder or MONAI Bundle; model.pretrained=null trains from scratch)")
     else:
         log.info(f"{path} not found: pretraining it first with +experiment={experiment}")
     from tcurlora_seg.models import architecture, build_network
