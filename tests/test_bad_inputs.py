@@ -102,6 +102,24 @@ def pretrained_of_another_size(tmp: Path, root: Path) -> list[str]:
     return [f"model.pretrained={tmp / 'wide.pt'}"]
 
 
+def pretrained_of_four_channels(tmp: Path, root: Path) -> list[str]:
+    torch.save(make_tiny_unetr(in_channels=4).state_dict(), tmp / "brats4.pt")  # BraTS' four modalities
+    return [f"model.pretrained={tmp / 'brats4.pt'}"]
+
+
+def channel_index_out_of_range(tmp: Path, root: Path) -> list[str]:
+    return [*pretrained_of_four_channels(tmp, root), "model.pretrained_channels=[4]"]
+
+
+def bundle_of_another_network(tmp: Path, root: Path) -> list[str]:
+    bundle = tmp / "zoo_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text('{"network_def": {"_target_": "BasicUNet", "spatial_dims": 3}}')
+    torch.save(make_tiny_unetr().state_dict(), bundle / "models" / "model.pt")
+    return [f"model.pretrained={bundle}"]
+
+
 def overrides(*args: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, root: list(args)
 
@@ -124,6 +142,9 @@ CASES = {
     "roi not a multiple of 16": (overrides("data.roi_size=[40,40,40]"), "data.roi_size"),
     "roi of two axes": (overrides("data.roi_size=[32,32]"), "data.roi_size"),
     "pretrained of another size": (pretrained_of_another_size, "wide.pt"),
+    "pretrained of four channels": (pretrained_of_four_channels, "model.pretrained_channels"),
+    "channel index out of range": (channel_index_out_of_range, "index 4 out of range"),
+    "bundle of another network": (bundle_of_another_network, "neither UNETR nor SwinUNETR"),
     "unknown non-finite policy": (overrides("trainer.nonfinite=ignore"), "trainer.nonfinite"),
 }
 
