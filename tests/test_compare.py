@@ -347,6 +347,32 @@ def test_each_method_runs_at_the_lr_with_the_best_validation_dice_never_the_best
     assert lora["adapter lr"] == "0.01" and lora["Dice %"] == "40.33 ± 0.58" and lora["n seeds"] == "3"
     assert dict(zip(header, table["decoder_only"]))["adapter lr"] == "–"
     assert (tmp_path / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+    # tuning.md: beside validation's choice, the test Dice at every lr of the grid (the grid's order) on the tuning
+    # seeds (lora's final seed 2, test 41, is not in its 1e-2 cell), and what the choice cost on test
+    section = (tmp_path / "tuning.md").read_text().split("## Adapter lr")[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("|"))
+    header = [c.strip() for c in section[start].strip("|").split("|")]
+    test = {row[0]: dict(zip(header, row)) for row in table_rows("\n".join(section[start:]))}
+    assert header[3:5] == ["test Dice % at adapter lr 0.01", "test Dice % at adapter lr 0.001"]
+    assert [test["lora"][h] for h in header[1:]] == ["0.01", "0.001", "40.00 (val)", "50.00 (test)", "-10.00", "0, 1"]
+    assert [test["tcurlora"][h] for h in header[1:]] == ["0.01", "0.001", "10.00 (val)", "90.00 (test)", "-80.00", "0"]
+    assert "decoder_only" not in test  # no adapter lr of its own
+    val = section[section.index("", start) + 1:]
+    assert table_rows("\n".join(val))[0] == ["lora", "72.00 (val)", "71.00"]
+
+
+def test_tuning_table_shows_the_decoder_lr_choice_and_the_adapter_grid_at_that_lr():
+    from tcurlora_seg.compare.tuning import tuning_markdown
+
+    row = lambda method, seed, lr, adapter_lr, val, dice: {  # noqa: E731
+        "method": method, "seed": seed, "lr": lr, "adapter_lr": adapter_lr, "val_dice": val, "dice": dice}
+    rows = [row("decoder_only", 0, 1e-3, None, 60.0, 50.0), row("decoder_only", 0, 1e-4, None, 59.0, 52.0),
+            row("lora", 0, 1e-3, 1e-2, 70.0, 61.0), row("lora", 0, 1e-3, 1e-1, 65.0, 62.0),
+            row("lora", 0, 1e-4, 1e-2, 99.0, 99.0)]  # at a decoder lr that was not chosen: not in the table
+    text = tuning_markdown(rows, {"lr": 1e-3, "lora": 1e-2}, [1e-2, 1e-1], [1e-4, 1e-3])
+    decoder, adapter = text.split("## Decoder lr")[1].split("## Adapter lr")
+    assert "| decoder_only | 0.001 | 0.0001 | 52.00 (test) | 50.00 (val) | -2.00 | 0 |" in decoder
+    assert "| lora | 0.01 | 0.1 | 61.00 (val) | 62.00 (test) | -1.00 | 0 |" in adapter
 
 
 def test_the_zero_shot_row_is_in_every_table_and_each_method_is_paired_with_it(tmp_path):

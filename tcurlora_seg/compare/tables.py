@@ -16,6 +16,7 @@ from tcurlora_seg.compare.constants import (
     COLUMNS, FIELDS, KEYS, METHODS, PAIRED, REFERENCE, SWEEPS, UNCERTAINTY, VS_ZERO_SHOT, ZERO_SHOT, attribution,
 )
 from tcurlora_seg.compare.figures import plot_ablation, plot_comparison, plot_tuning
+from tcurlora_seg.compare.tuning import tuning_markdown
 from tcurlora_seg.errors import UserError
 
 
@@ -96,6 +97,10 @@ def report(out: Path) -> list[Path]:
             if chosen:
                 written += [plot_tuning(rows, chosen, out / "tuning.png")]
                 print("selected on validation Dice: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()), flush=True)
+                text = tuning_markdown(rows, chosen, tuning.get("adapter_lrs", ()), tuning.get("lrs") or ())
+                (out / "tuning.md").write_text(text)
+                written.append(out / "tuning.md")
+                print(f"\n{text}", flush=True)
         collected[stem] = rows
         reference = collected["comparison"] if "comparison" in collected else ()
         pair_with_reference(rows, reference)  # the ablation pairs with the comparison's runs
