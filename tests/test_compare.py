@@ -88,6 +88,11 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
                                      "above decoder-only", "HD95 mm", "ViT change %", "s/step", "peak MB", "n seeds"])
     assert float(rows[1][constants.PAIRED]) == pytest.approx(float(rows[1]["dice"]) - float(rows[0]["dice"]))
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
+    # the real evaluation's per-case files feed the CI and p; both HD95 definitions from one inference pass
+    assert all(Path(r["metrics_csv"]).is_file() and float(r["hd95_cc1000"]) >= 0 for r in rows)
+    assert "95 % CI vs decoder-only" in header and "HD95 mm, components < 1 cm³ removed" in header
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], table_rows((out / "comparison.md").read_text())[1]))
+    assert cells["95 % CI vs decoder-only"].strip("*").startswith("[") and cells["Wilcoxon p vs decoder-only"].endswith("(n=2)")
 
     ablation = read_csv(out / "ablation.csv")
     # one factor at a time: ranks 1 and 8 with all tensors, then attention only at rank 1; rank 8 with all tensors is
