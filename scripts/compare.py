@@ -56,11 +56,15 @@ an adapter with a ViT change near 0 % has trained as decoder-only. It writes int
     comparison.csv / ablation.csv    one row per run
     comparison.md  / ablation.md     mean ± sample std over seeds per method (per rank x groups), also printed;
                                      with decoder-only among the runs also Δ Dice vs decoder-only, paired by seed
-                                     (the same data stream: common random numbers), and at how many seeds it is above
+                                     (the same data stream: common random numbers), and at how many seeds it is above;
+                                     every Δ with a 95 % paired-bootstrap CI over test cases x seeds (bold: excludes 0)
+                                     and a Wilcoxon p over the cases; HD95 with all components and with components
+                                     < 1 cm³ removed (docs/comparison.md, "How to read the tables")
     comparison.png / ablation.png    Dice vs trainable parameters (log x) / Dice vs rank, error bars = std over seeds;
                                      beside it the paired Δ Dice vs decoder-only the same way
     attribution.csv / .md            the attribution sweep's runs and table
     tuning.json / tuning.png         the lr grids and tuning seeds; validation Dice vs lr (with --adapter-lrs)
+    tuning.md                        test Dice at every lr of the grid, validation's choice and test's marked
 The demo pretrains its source model in the first run when it is not cached; on a cluster, where runs start
 together, run ``python -m tcurlora_seg.train +experiment=demo_source`` once first.
 """

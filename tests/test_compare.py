@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tcurlora_seg.compare import collect, constants, tables
+from tcurlora_seg.compare import collect, constants, stats, tables
 from tcurlora_seg.compare import sweeps as sweeping  # (tests name their sweep dicts `sweeps`)
 from tests.conftest import write_official_dataset
 from tests.run_helpers import load_script, terminal_sigint
@@ -58,8 +62,9 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def table_rows(text: str) -> list[list[str]]:
-    """The body cells of a Markdown table (below the header and the rule)."""
-    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:]]
+    """The body cells of a Markdown table (below the header and the rule, above the notes)."""
+    body = itertools.takewhile(lambda line: line.startswith("|"), text.splitlines()[2:])
+    return [[c.strip() for c in line.strip("|").split("|")] for line in body]
 
 
 @pytest.mark.xdist_group("swept")  # the sweep both read runs once
@@ -83,6 +88,11 @@ def test_compare_writes_csv_table_and_plot_per_sweep(swept):
                                      "above decoder-only", "HD95 mm", "ViT change %", "s/step", "peak MB", "n seeds"])
     assert float(rows[1][constants.PAIRED]) == pytest.approx(float(rows[1]["dice"]) - float(rows[0]["dice"]))
     assert [r[0] for r in table_rows((out / "comparison.md").read_text())] == ["decoder_only", "tcurlora"]
+    # the real evaluation's per-case files feed the CI and p; both HD95 definitions from one inference pass
+    assert all(Path(r["metrics_csv"]).is_file() and float(r["hd95_cc1000"]) >= 0 for r in rows)
+    assert "95 % CI vs decoder-only" in header and "HD95 mm, components < 1 cm³ removed" in header
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], table_rows((out / "comparison.md").read_text())[1]))
+    assert cells["95 % CI vs decoder-only"].strip("*").startswith("[") and cells["Wilcoxon p vs decoder-only"].endswith("(n=2)")
 
     ablation = read_csv(out / "ablation.csv")
     # one factor at a time: ranks 1 and 8 with all tensors, then attention only at rank 1; rank 8 with all tensors is
@@ -186,12 +196,12 @@ def test_aggregate_gives_mean_and_sample_std_per_method():
     assert tcur["dice"][0] == 85.0 and math.isnan(tcur["dice"][1]) and math.isnan(tcur["hd95"][0])
     table = tables.markdown([lora, tcur], ["method"])
     lora_row, tcur_row = table_rows(table)
-    # no decoder-only runs to pair with: the paired columns are empty
-    # no lrs in these rows (runs from before optim.adapter_lr): "–"
-    assert lora_row == ["lora", "–", "–", "7.000", "28.00", "82.00 ± 2.83", "–", "–", "–", "4.00 ± 1.41", "11.00 ± 1.41",
-                        "0.600 ± 0.141", "1,000 ± 141", "2"]
+    # no decoder-only runs to pair with: the paired columns (Δ, above, CI, p) are empty, the zero-shot ones too
+    # no lrs in these rows (runs from before optim.adapter_lr): "–"; no HD95 after the 1 cm³ removal: "–"
+    assert lora_row == ["lora", "–", "–", "7.000", "28.00", "82.00 ± 2.83", *["–"] * 7, "4.00 ± 1.41", "–",
+                        "11.00 ± 1.41", "0.600 ± 0.141", "1,000 ± 141", "2"]
     # the cut-off run still measured its step time; n counts the evaluated run only
-    assert tcur_row[5:12] == ["85.00", "–", "–", "–", "–", "2.00", "0.400"] and tcur_row[-1] == "1"
+    assert tcur_row[5:17] == ["85.00", *["–"] * 9, "2.00", "0.400"] and tcur_row[-1] == "1"
 
 
 def test_ablation_groups_sweep_is_a_hydra_list_sweep():
@@ -234,6 +244,88 @@ def fake_run(run: Path, method: str, dice: float, seed: int = 0, peft: dict | No
     (run / "checkpoints" / "best.pt").write_bytes(b"x" * 1024)
 
 
+def fake_cases(run: Path, dice: Sequence[float], folder: str = "eval", protocol: float = 0.0) -> None:
+    """Per-case scores as engine.evaluate writes them (cases c0, c1, ...): metrics.csv and summary.json with the
+    protocol's foreground means and, as ``component_variants``, the other HD95 definition; HD95 = 100 − Dice mm with
+    every component, 10 mm less after the 1 cm³ removal."""
+    from tcurlora_seg.engine.metrics import write_metrics_csv
+
+    def scored(hd95_of):
+        return [{"id": f"c{i}", "metrics": {"1": {"Dice": d, "HD95": hd95_of(d), "empty": None}}} for i, d in enumerate(dice)]
+
+    every, removed = scored(lambda d: 100.0 - d), scored(lambda d: 90.0 - d)
+    mine, other, name = (every, removed, "cc1000") if protocol == 0 else (removed, every, "cc0")
+    (run / folder).mkdir(exist_ok=True)
+    write_metrics_csv(run / folder / "metrics.csv", mine, {name: other})
+    mean = lambda cases, key: statistics.fmean(c["metrics"]["1"][key] for c in cases)  # noqa: E731
+    summary = {"foreground_mean": {"Dice": mean(mine, "Dice"), "HD95": mean(mine, "HD95")},
+               "evaluation": {"min_component_mm3": protocol},
+               "component_variants": {name: {"min_component_mm3": 1000.0 if protocol == 0 else 0.0,
+                                             "foreground_mean": {"Dice": mean(other, "Dice"), "HD95": mean(other, "HD95")}}}}
+    (run / folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_every_delta_gets_a_paired_bootstrap_interval_and_a_wilcoxon_p(tmp_path):
+    """The CIs and p-values come from the runs' per-case Dice, paired by seed and case: a steady gain on every case
+    is called real (bold) although the cases differ by 50 points; a gain that changes sign is not."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(40, 80, size=8)  # hard and easy cases, the same test split at every seed
+    values = {}
+    for seed in range(3):
+        ref = base + rng.normal(0, 2, size=8)
+        values[seed] = {"decoder_only": ref, "lora": ref + 3 + rng.normal(0, 0.5, size=8),
+                        "tcurlora": ref + np.where(np.arange(8) % 2, 1.5, -1.5), "zero_shot": ref - 30}
+        for method in ("decoder_only", "lora", "tcurlora"):
+            run = tmp_path / "runs" / f"{seed}{method}"
+            fake_run(run, method, 0.0, seed, zero_shot=0.0 if method == "decoder_only" else None)
+            fake_cases(run, values[seed][method])
+            if method == "decoder_only":  # the first run of each seed evaluates the source model
+                fake_cases(run, values[seed]["zero_shot"], "eval_pretrained")
+    tables.report(tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    header = [c.strip() for c in text.splitlines()[0].strip("|").split("|")]
+    table = {row[0]: dict(zip(header, row)) for row in table_rows(text)}
+
+    def expected(method: str, partner: str) -> stats.PairedDifference:  # from the arrays, not from the files
+        grid = lambda m: {(str(s), f"c{i}"): v for s in values for i, v in enumerate(values[s][m])}  # noqa: E731
+        return stats.paired_difference(grid(method), grid(partner))
+
+    lora, tcur = expected("lora", "decoder_only"), expected("tcurlora", "decoder_only")
+    assert lora.real and not tcur.real and tcur.low < 0 < tcur.high
+    assert table["lora"]["95 % CI vs decoder-only"] == f"**[{lora.low:+.2f}, {lora.high:+.2f}]**"
+    assert table["tcurlora"]["95 % CI vs decoder-only"] == f"[{tcur.low:+.2f}, {tcur.high:+.2f}]"
+    assert table["lora"]["Wilcoxon p vs decoder-only"] == "0.008 (n=8)"  # 8 of 8 cases above: 2 / 2^8 (exact)
+    assert table["tcurlora"]["Wilcoxon p vs decoder-only"] == f"{tcur.p:.3f} (n=8)" and tcur.p > 0.5
+    zero = expected("zero_shot", "decoder_only")
+    assert table["zero_shot"]["95 % CI vs decoder-only"] == f"**[{zero.low:+.2f}, {zero.high:+.2f}]**" and zero.high < 0
+    assert table["decoder_only"]["95 % CI vs decoder-only"] == "–" and table["zero_shot"]["95 % CI vs zero-shot"] == "–"
+    assert table["decoder_only"]["95 % CI vs zero-shot"].startswith("**[+")
+    # both HD95 definitions, each the mean of its own per-case values
+    ref = np.mean([values[s]["decoder_only"] for s in values], axis=1)
+    assert table["decoder_only"]["HD95 mm, all components"] == f"{np.mean(100 - ref):.2f} ± {np.std(100 - ref, ddof=1):.2f}"
+    assert table["decoder_only"]["HD95 mm, components < 1 cm³ removed"].startswith(f"{np.mean(90 - ref):.2f} ±")
+    assert "10,000 resamples" in text and "(no component removal)" in text and "larger of the two" in text
+    rows = read_csv(tmp_path / "comparison.csv")
+    zero_row = next(r for r in rows if r["method"] == "zero_shot")
+    assert zero_row["metrics_csv"].endswith("eval_pretrained/metrics.csv") and float(zero_row["hd95_cc1000"]) > 0
+
+
+def test_hd95_columns_keep_their_definitions_whatever_the_runs_protocol(tmp_path):
+    """hd95 is every component, hd95_cc1000 after the 1 cm³ removal, whether the run's protocol removed (and wrote
+    the other in component_variants) or not; dice is the protocol's."""
+    dice = [60.0, 70.0]
+    for protocol in (0.0, 1000.0):
+        run = tmp_path / f"run{protocol:g}"
+        fake_run(run, "lora", 0.0)
+        fake_cases(run, dice, protocol=protocol)
+        row = collect.collect_run(run)
+        assert (row["hd95"], row["hd95_cc1000"], row["min_component_mm3"]) == (35.0, 25.0, protocol)
+        assert row["dice"] == row["dice_cc1000"] == 65.0 and row["metrics_csv"] == str(run / "eval" / "metrics.csv")
+    old = tmp_path / "old"  # evaluated before the variants: the protocol's HD95 only
+    fake_run(old, "lora", 50.0)
+    assert (collect.collect_run(old)["hd95"], collect.collect_run(old)["hd95_cc1000"]) == (5.0, None)
+
+
 def test_each_method_runs_at_the_lr_with_the_best_validation_dice_never_the_best_test_dice(tmp_path):
     """Selection by mean validation Dice over the tuning seeds (the seeds run at several lrs); ties go to the first
     lr of the grid; test Dice plays no part; the final seeds at the chosen lr only join the table."""
@@ -260,6 +352,32 @@ def test_each_method_runs_at_the_lr_with_the_best_validation_dice_never_the_best
     assert lora["adapter lr"] == "0.01" and lora["Dice %"] == "40.33 ± 0.58" and lora["n seeds"] == "3"
     assert dict(zip(header, table["decoder_only"]))["adapter lr"] == "–"
     assert (tmp_path / "tuning.png").read_bytes()[:4] == b"\x89PNG"
+    # tuning.md: beside validation's choice, the test Dice at every lr of the grid (the grid's order) on the tuning
+    # seeds (lora's final seed 2, test 41, is not in its 1e-2 cell), and what the choice cost on test
+    section = (tmp_path / "tuning.md").read_text().split("## Adapter lr")[1].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("|"))
+    header = [c.strip() for c in section[start].strip("|").split("|")]
+    test = {row[0]: dict(zip(header, row)) for row in table_rows("\n".join(section[start:]))}
+    assert header[3:5] == ["test Dice % at adapter lr 0.01", "test Dice % at adapter lr 0.001"]
+    assert [test["lora"][h] for h in header[1:]] == ["0.01", "0.001", "40.00 (val)", "50.00 (test)", "-10.00", "0, 1"]
+    assert [test["tcurlora"][h] for h in header[1:]] == ["0.01", "0.001", "10.00 (val)", "90.00 (test)", "-80.00", "0"]
+    assert "decoder_only" not in test  # no adapter lr of its own
+    val = section[section.index("", start) + 1:]
+    assert table_rows("\n".join(val))[0] == ["lora", "72.00 (val)", "71.00"]
+
+
+def test_tuning_table_shows_the_decoder_lr_choice_and_the_adapter_grid_at_that_lr():
+    from tcurlora_seg.compare.tuning import tuning_markdown
+
+    row = lambda method, seed, lr, adapter_lr, val, dice: {  # noqa: E731
+        "method": method, "seed": seed, "lr": lr, "adapter_lr": adapter_lr, "val_dice": val, "dice": dice}
+    rows = [row("decoder_only", 0, 1e-3, None, 60.0, 50.0), row("decoder_only", 0, 1e-4, None, 59.0, 52.0),
+            row("lora", 0, 1e-3, 1e-2, 70.0, 61.0), row("lora", 0, 1e-3, 1e-1, 65.0, 62.0),
+            row("lora", 0, 1e-4, 1e-2, 99.0, 99.0)]  # at a decoder lr that was not chosen: not in the table
+    text = tuning_markdown(rows, {"lr": 1e-3, "lora": 1e-2}, [1e-2, 1e-1], [1e-4, 1e-3])
+    decoder, adapter = text.split("## Decoder lr")[1].split("## Adapter lr")
+    assert "| decoder_only | 0.001 | 0.0001 | 52.00 (test) | 50.00 (val) | -2.00 | 0 |" in decoder
+    assert "| lora | 0.01 | 0.1 | 61.00 (val) | 62.00 (test) | -1.00 | 0 |" in adapter
 
 
 def test_the_zero_shot_row_is_in_every_table_and_each_method_is_paired_with_it(tmp_path):

@@ -1,5 +1,12 @@
 """Run folders to rows: one row per run (config, test metrics, validation Dice, costs), pairing by seed with
-decoder-only and the zero-shot model, mean ± std per setting, the lr chosen on validation."""
+decoder-only and the zero-shot model, mean ± std per setting, the lr chosen on validation.
+
+A row is a dict of ``constants.FIELDS`` (what comparison.csv holds) plus keys the report uses and the CSV leaves out
+(``zero_shot_*``); a new column is a new key in both, nothing else reads the rows by position.
+HD95 under two definitions (``engine.evaluate.COMPONENT_VARIANTS``): ``hd95`` with every predicted component,
+``hd95_cc1000`` after removing components < 1000 mm³ (the paper's); ``dice`` is the run's own evaluation protocol
+(``min_component_mm3``), ``dice_cc1000`` the Dice after the removal.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,31 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tcurlora_seg.compare.constants import FIELDS, METRICS, PAIRED, REFERENCE, VS_ZERO_SHOT, ZERO_SHOT
+from tcurlora_seg.engine.metrics import case_means
 from tcurlora_seg.errors import UserError
+
+
+# what a zero-shot row takes from the run that evaluated the source model (eval_pretrained/)
+ZERO_SHOT_SCORES = ["dice", "hd95", "dice_cc1000", "hd95_cc1000", "min_component_mm3", "metrics_csv"]
 
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _scores(eval_dir: Path) -> dict:
+    """The test metrics of an evaluation folder (``eval/`` or ``eval_pretrained/``) under both HD95 definitions, and
+    where its per-case values are; None where the evaluation did not record them (e.g. from before the variants)."""
+    from tcurlora_seg.engine.evaluate import COMPONENT_VARIANTS, scores_at
+
+    summary = _read_json(eval_dir / "summary.json")
+    plain = scores_at(summary, COMPONENT_VARIANTS["cc0"]) or ({}, None)
+    paper = scores_at(summary, COMPONENT_VARIANTS["cc1000"]) or ({}, None)
+    protocol = (summary.get("evaluation") or {}).get("min_component_mm3")
+    return {"dice": summary.get("foreground_mean", {}).get("Dice"), "hd95": plain[0].get("HD95"),
+            "dice_cc1000": paper[0].get("Dice"), "hd95_cc1000": paper[0].get("HD95"),
+            "min_component_mm3": (protocol or 0.0) if summary else None,
+            "metrics_csv": str(eval_dir / "metrics.csv") if (eval_dir / "metrics.csv").is_file() else None}
 
 
 def collect_run(run_dir: Path) -> dict:
@@ -24,12 +51,11 @@ def collect_run(run_dir: Path) -> dict:
 
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     peft = cfg["peft"]
-    summary = _read_json(run_dir / "eval" / "summary.json").get("foreground_mean", {})
-    before = _read_json(run_dir / "eval_pretrained" / "summary.json").get("foreground_mean", {})
+    scores, before = _scores(run_dir / "eval"), _scores(run_dir / "eval_pretrained")
     stats = _read_json(run_dir / "train_stats.json")
     optim = cfg.get("optim") or {}
     best = run_dir / "checkpoints" / "best.pt"
-    if not summary:
+    if scores["dice"] is None:
         print(f"warning: {run_dir} has no eval/summary.json (unfinished, or trained with trainer.evaluate=false: "
               f"make eval RUN={run_dir})", file=sys.stderr)
     return {
@@ -44,10 +70,8 @@ def collect_run(run_dir: Path) -> dict:
                                                                     else optim.get("adapter_lr")),
         "val_dice": stats.get("best_val_dice"),
         "selected": True,
-        "dice": summary.get("Dice"),
-        "zero_shot_dice": before.get("Dice"),
-        "zero_shot_hd95": before.get("HD95"),
-        "hd95": summary.get("HD95"),
+        **scores,
+        **{f"zero_shot_{key}": value for key, value in before.items()},
         "vit_change_pct": vit_change_of(run_dir) if best.is_file() else None,
         "trainable": stats.get("trainable"),
         "adapter_mb": best.stat().st_size / 2**20 if best.is_file() else None,
@@ -98,13 +122,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def aggregate(rows: Sequence[dict], keys: Sequence[str]) -> list[dict]:
     """One entry per distinct ``keys`` value (first-seen order): the keys, ``n`` evaluated runs (an unfinished run
-    has no Dice and does not count) and (mean, std) per metric."""
+    has no Dice and does not count), (mean, std) per metric and its ``runs`` (the rows)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
     return [{**dict(zip(keys, key)), "n": len(_values(members, "dice")), **{m: mean_std(_values(members, m)) for m in METRICS},
              "above_reference": above(_values(members, PAIRED)), "lr_cell": _lrs(members, "lr"),
-             "adapter_lr_cell": _lrs(members, "adapter_lr")}
+             "adapter_lr_cell": _lrs(members, "adapter_lr"), "runs": members}
             for key, members in groups.items()]
 
 
@@ -113,13 +137,25 @@ def above(deltas: Sequence[float]) -> str:
     return f"{sum(d > 0 for d in deltas)}/{len(deltas)}" if deltas else "–"
 
 
+def partners(reference: Sequence[dict], method: str) -> list[dict]:
+    """The runs of ``method`` that others pair with: the selected ones (with ``--lrs``, decoder-only also ran the
+    decoder lrs that validation did not choose)."""
+    return [r for r in reference if r["method"] == method and r.get("selected", True)]
+
+
+def case_values(rows: Sequence[dict]) -> dict[tuple[str, str], float]:
+    """{(seed, case id): foreground-mean Dice of that case} over the rows' per-case files (``metrics_csv``); the
+    protocol's Dice, the one the tables' Dice % is the mean of. Rows without the file add nothing."""
+    return {(str(row["seed"]), case): value for row in rows if row.get("metrics_csv")
+            for case, value in case_means(row["metrics_csv"]).items()}
+
+
 def pair_with_reference(rows: Sequence[dict], reference: Sequence[dict]) -> None:
     """Set each row's ``PAIRED``: its Dice minus the Dice of the ``REFERENCE`` run of the same seed in ``reference``.
 
     None where either Dice is missing, for seeds that decoder-only did not run, and for decoder-only itself (0 by
     definition, and its own spread is the one the others are paired against)."""
-    dice = {str(r["seed"]): float(r["dice"]) for r in reference
-            if r["method"] == REFERENCE and r.get("dice") not in (None, "")}
+    dice = {str(r["seed"]): float(r["dice"]) for r in partners(reference, REFERENCE) if r.get("dice") not in (None, "")}
     for row in rows:
         partner = dice.get(str(row["seed"]))
         paired = row["method"] != REFERENCE and partner is not None and row.get("dice") not in (None, "")
@@ -133,14 +169,14 @@ def zero_shot_rows(rows: Sequence[dict]) -> list[dict]:
     for row in rows:
         if row.get("zero_shot_dice") is not None and str(row["seed"]) not in found:
             found[str(row["seed"])] = {**dict.fromkeys(FIELDS), "method": ZERO_SHOT, "setting": ZERO_SHOT,
-                                       "seed": row["seed"], "selected": True,
-                                       "dice": row["zero_shot_dice"], "hd95": row["zero_shot_hd95"], "trainable": 0}
+                                       "seed": row["seed"], "selected": True, "trainable": 0,
+                                       **{key: row.get(f"zero_shot_{key}") for key in ZERO_SHOT_SCORES}}
     return list(found.values())
 
 
 def pair_with_zero_shot(rows: Sequence[dict], reference: Sequence[dict]) -> None:
     """Set each row's ``VS_ZERO_SHOT``: its Dice minus the zero-shot Dice of the same seed (None for zero-shot)."""
-    dice = {str(r["seed"]): float(r["dice"]) for r in reference if r["method"] == ZERO_SHOT and r.get("dice") is not None}
+    dice = {str(r["seed"]): float(r["dice"]) for r in partners(reference, ZERO_SHOT) if r.get("dice") is not None}
     for row in rows:
         partner = dice.get(str(row["seed"]))
         paired = row["method"] != ZERO_SHOT and partner is not None and row.get("dice") not in (None, "")

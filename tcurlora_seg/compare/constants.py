@@ -19,19 +19,29 @@ PAIRED = "dice_vs_decoder_only"
 # (eval_pretrained/): one row per seed in every table, so that a method below it shows as such.
 ZERO_SHOT = "zero_shot"
 VS_ZERO_SHOT = "dice_vs_zero_shot"
+# HD95 under two definitions (engine.evaluate.COMPONENT_VARIANTS): "hd95" with every predicted component,
+# "hd95_cc1000" after removing components < 1000 mm³ (the paper's); "dice" is the run's own evaluation protocol
+# (its "min_component_mm3"), "dice_cc1000" after the removal. "metrics_csv": the per-case file the statistics read.
 FIELDS = ["method", "setting", "rank", "groups", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
-          "hd95", "vit_change_pct", "trainable", "adapter_mb", "step_time_s", "peak_memory_mb", "run_dir"]
-METRICS = ["trainable", "adapter_mb", "dice", PAIRED, VS_ZERO_SHOT, "hd95", "vit_change_pct", "step_time_s",
+          "hd95", "hd95_cc1000", "dice_cc1000", "min_component_mm3", "vit_change_pct", "trainable", "adapter_mb",
+          "step_time_s", "peak_memory_mb", "run_dir", "metrics_csv"]
+METRICS = ["trainable", "adapter_mb", "dice", PAIRED, VS_ZERO_SHOT, "hd95", "hd95_cc1000", "vit_change_pct", "step_time_s",
            "peak_memory_mb"]
+# Each paired Δ's uncertainty (compare.stats, over the per-case Dice): the entry keys of its bootstrap interval and
+# its Wilcoxon p-value, and the method it is paired with.
+UNCERTAINTY = {PAIRED: ("ci_vs_decoder_only", "p_vs_decoder_only", REFERENCE),
+               VS_ZERO_SHOT: ("ci_vs_zero_shot", "p_vs_zero_shot", ZERO_SHOT)}
 # The default adapter-lr grid of --adapter-lrs with no values: 1e-4 ... 1e-1 in half decades.
 ADAPTER_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 # (header, metric, scale, decimals, ± std) of the Markdown tables. Sizes are fixed by the method, so no ± for them.
 # The ablation counts parameters one by one: ranks differ by a few hundred parameters next to the decoder's millions.
-# ("above decoder-only" is a count, "k/n seeds", not a mean.)
+# ("above decoder-only" is a count, "k/n seeds", not a mean; the CI and p cells are written by tables.uncertainty.)
 _REST = [("adapter MB", "adapter_mb", 1, 2, False), ("Dice %", "dice", 1, 2, True),
          ("Δ Dice vs decoder-only", PAIRED, 1, 2, True, True), ("above decoder-only", "above_reference"),
+         ("95 % CI vs decoder-only", "ci_vs_decoder_only"), ("Wilcoxon p vs decoder-only", "p_vs_decoder_only"),
          ("Δ Dice vs zero-shot", VS_ZERO_SHOT, 1, 2, True, True),
-         ("HD95 mm", "hd95", 1, 2, True),
+         ("95 % CI vs zero-shot", "ci_vs_zero_shot"), ("Wilcoxon p vs zero-shot", "p_vs_zero_shot"),
+         ("HD95 mm, all components", "hd95", 1, 2, True), ("HD95 mm, components < 1 cm³ removed", "hd95_cc1000", 1, 2, True),
          ("ViT change %", "vit_change_pct", 1, 2, True), ("s/step", "step_time_s", 1, 3, True),
          ("peak MB", "peak_memory_mb", 1, 0, True)]
 COLUMNS = {"comparison": [("lr", "lr_cell"), ("adapter lr", "adapter_lr_cell"),

@@ -9,13 +9,21 @@ Grid of the scores: the label file's own voxel grid, as stored. When the run's d
 MONAI ``Invertd`` before the argmax; the reference is the label file loaded without any spatial transform (only
 ``data.label_map``), and the spacing for HD95 and the component volumes is the label header's.
 
+Two HD95 definitions from one inference pass: the argmax of each case is post-processed by the protocol's
+``min_component_mm3`` (what ``summary.json``'s top-level numbers, the predictions and the figures use) and also, from
+the same argmax, without any removal (``cc0``) and with the paper's removal of components < 1000 mm³ (``cc1000``),
+those of the two that differ from the protocol (``COMPONENT_VARIANTS``). Their per-case scores go into
+``metrics.csv`` as ``dice_cc1000_<c>``, ``hd95_cc1000_<c>``, ``empty_cc1000_<c>`` (``cc0`` alike), their summaries
+into ``summary.json`` under ``component_variants``; ``scores_at`` reads either back by volume.
+
 Writes into ``run_dir/eval/``: ``metrics.csv`` (one row per case), ``summary.json`` (``engine.metrics.summarize``
-plus ``evaluation``: the settings and checkpoints used), ``predictions/<id>.nii.gz`` (uint8, the input's affine),
-``overlays.png`` and ``dice_per_case.png`` (``engine.figures``).
+plus ``evaluation``: the settings and checkpoints used, and ``component_variants``), ``predictions/<id>.nii.gz``
+(uint8, the input's affine), ``overlays.png`` and ``dice_per_case.png`` (``engine.figures``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -34,11 +42,16 @@ from tcurlora_seg.data.transforms import label_mapping
 from tcurlora_seg.engine.figures import case_slices, plot_dice_per_case, plot_overlays
 from tcurlora_seg.engine.inference import Segmenter, select_checkpoints, voxel_spacing, write_mask
 from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize, write_metrics_csv
+from tcurlora_seg.engine.postprocess import remove_small_components
 from tcurlora_seg.engine.run import load_run_config
 from tcurlora_seg.errors import UserError
 
-__all__ = ["evaluate_run", "load_reference", "check_eval_protocol", "evaluate_after_training", "before_after_table"]
+__all__ = ["COMPONENT_VARIANTS", "evaluate_run", "load_reference", "check_eval_protocol", "evaluate_after_training",
+           "before_after_table", "scores_at"]
 
+# The post-processings every evaluation also scores (name -> min_component_mm3): HD95 (and Dice) with all predicted
+# components, and with the paper's removal of components under 1 cm³, whatever the protocol's own volume.
+COMPONENT_VARIANTS = {"cc0": 0.0, "cc1000": 1000.0}
 GRID = "label file grid as stored (predictions inverted from the model grid with MONAI Invertd when data.orientation/spacing resample)"
 
 
@@ -114,13 +127,23 @@ def evaluate_run(
 
     out = Path(out_dir) if out_dir is not None else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    min_mm3 = segmenter.min_component_mm3
+    variants = {name: v for name, v in COMPONENT_VARIANTS.items() if v != min_mm3}
+    argmax = dataclasses.replace(segmenter, min_component_mm3=0.0)  # the same models; every removal is done below
     per_case, slices, images = [], [], {}
+    scored: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     bar = tqdm(cases, desc=f"eval {split}", unit="case", disable=not progress)
     for case in bar:
-        mask, _ = segmenter.segment(case["image"])
+        raw, affine = argmax.segment(case["image"])
+        # removal on the image file's spacing, as Segmenter.postprocess does it: the protocol's mask is segment()'s
+        masks = {v: remove_small_components(raw, voxel_spacing(affine), v) if v > 0 else raw
+                 for v in {min_mm3, *variants.values()}}
+        mask = masks[min_mm3]
         reference, spacing = load_reference(case["label"], cfg_data)
         result = case_metrics(mask, reference, spacing, segmenter.num_classes, case_id=case["id"])
         per_case.append(result)
+        for name, v in variants.items():
+            scored[name].append(case_metrics(masks[v], reference, spacing, segmenter.num_classes, case_id=case["id"]))
         dice = float(np.mean([m["Dice"] for m in result["metrics"].values()]))
         bar.set_postfix(dice=f"{dice:.1f}")
         image = case["image"] if isinstance(case["image"], str) else case["image"][0]
@@ -144,7 +167,8 @@ def evaluate_run(
         "grid": GRID,
         "device": str(segmenter.device),
     }
-    write_metrics_csv(out / "metrics.csv", per_case)
+    summary["component_variants"] = {name: _variant_summary(scored[name], v) for name, v in variants.items()}
+    write_metrics_csv(out / "metrics.csv", per_case, scored)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if figures:
         title = f"{run_dir.name}: {cfg.peft.name}, checkpoint {'+'.join(names)}, {split} split ({len(per_case)} cases)"
@@ -154,6 +178,26 @@ def evaluate_run(
                            out / "dice_per_case.png", title)
     print(markdown_table(summary), end="")
     return summary
+
+
+def _variant_summary(per_case: list[dict[str, Any]], min_mm3: float) -> dict[str, Any]:
+    """The summary of a variant's scores without what the protocol's summary already holds (cases, definitions)."""
+    summary = summarize(per_case)
+    return {"min_component_mm3": min_mm3, **{k: summary[k] for k in ("mean", "std", "median", "foreground_mean", "empty_cases")}}
+
+
+def scores_at(summary: dict[str, Any], min_component_mm3: float) -> tuple[dict[str, float], str | None] | None:
+    """The foreground-mean scores of ``summary`` (a ``summary.json``) after removing components smaller than
+    ``min_component_mm3``, and the ``metrics.csv`` variant name holding their per-case values (None: the protocol's
+    own columns); None when the evaluation did not score that volume. A summary without ``evaluation`` (from before
+    the key) ran the default protocol, no removal."""
+    protocol = (summary.get("evaluation") or {}).get("min_component_mm3") or 0.0
+    if float(protocol) == float(min_component_mm3):
+        return (summary["foreground_mean"], None) if "foreground_mean" in summary else None
+    for name, part in (summary.get("component_variants") or {}).items():
+        if float(part["min_component_mm3"]) == float(min_component_mm3):
+            return part["foreground_mean"], name
+    return None
 
 
 def check_eval_protocol(cfg: DictConfig) -> tuple[int, float]:

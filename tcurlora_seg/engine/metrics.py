@@ -13,7 +13,9 @@ Definitions (the same text goes into ``summary.json`` under ``definitions``):
   the image diagonal in mm, ``sqrt(sum((shape_i * spacing_i)^2))``, a finite worst case; MONAI would give NaN or inf,
   which drops out of a mean and makes a model that misses structures look better. Every such case is flagged
   (``"empty": "prediction"`` or ``"reference"``) and counted in the summary's ``empty_cases``.
-* Metrics are computed on the post-processed prediction at the reference's resolution.
+* Metrics are computed on the post-processed prediction at the reference's resolution. An evaluation can score the
+  same prediction under other post-processings too (``engine.evaluate``: with and without the paper's removal of
+  components under 1 cm³); ``metrics.csv`` then has their columns beside the protocol's, ``dice_<variant>_<c>`` etc.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,7 +36,7 @@ from monai.utils import convert_data_type
 from tcurlora_seg.engine.postprocess import check_spacing
 from tcurlora_seg.errors import UserError
 
-__all__ = ["DEFINITIONS", "case_metrics", "markdown_table", "summarize", "write_metrics_csv"]
+__all__ = ["DEFINITIONS", "case_means", "case_metrics", "markdown_table", "summarize", "write_metrics_csv"]
 
 DEFINITIONS = {
     "Dice": "200*|P∩G|/(|P|+|G|) per foreground class and case, in %; summary values are over cases",
@@ -164,19 +167,49 @@ def summarize(
     return summary
 
 
-def write_metrics_csv(path: str | os.PathLike, per_case: Sequence[Mapping[str, Any]]) -> None:
-    """One row per case: ``id``, then ``dice_<c>`` (%), ``hd95_<c>`` (mm) and ``empty_<c>`` for each class c."""
+def write_metrics_csv(
+    path: str | os.PathLike,
+    per_case: Sequence[Mapping[str, Any]],
+    variants: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> None:
+    """One row per case: ``id``, then ``dice_<c>`` (%), ``hd95_<c>`` (mm) and ``empty_<c>`` for each class c; then,
+    for each ``variants`` name v (the same cases scored after another post-processing, in the same order),
+    ``dice_<v>_<c>``, ``hd95_<v>_<c>`` and ``empty_<v>_<c>``."""
+    variants = dict(variants or {})
+    for name, cases in variants.items():
+        if [c.get("id") for c in cases] != [c.get("id") for c in per_case]:
+            raise ValueError(f"variant {name!r} scores other cases than the protocol")
     classes = _classes(per_case)
-    header = ["id"] + [f"{name}_{c}" for c in classes for name in ("dice", "hd95", "empty")]
+    prefixes = [""] + [f"{name}_" for name in variants]
+    header = ["id"] + [f"{name}_{p}{c}" for p in prefixes for c in classes for name in ("dice", "hd95", "empty")]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for case in per_case:
+        for i, case in enumerate(per_case):
             row: list[Any] = [case.get("id")]
-            for c in classes:
-                m = case["metrics"].get(c)
-                row += [m["Dice"], m["HD95"], m["empty"] or ""] if m else ["", "", ""]
+            for scored in [case, *(cases[i] for cases in variants.values())]:
+                for c in classes:
+                    m = scored["metrics"].get(c)
+                    row += [m["Dice"], m["HD95"], m["empty"] or ""] if m else ["", "", ""]
             writer.writerow(row)
+
+
+def case_means(path: str | os.PathLike, metric: str = "dice", variant: str | None = None) -> dict[str, float]:
+    """Per case id, the foreground mean (over classes) of ``metric`` (dice | hd95) from a ``metrics.csv`` of
+    :func:`write_metrics_csv`, the protocol's columns or those of ``variant``; {} when the file or the columns are
+    missing (an evaluation from before the variant was recorded)."""
+    if not os.path.isfile(path):
+        return {}
+    pattern = re.compile(rf"{metric}_{re.escape(variant) + '_' if variant else ''}(\d+)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames or [] if pattern.fullmatch(c)]
+        means = {}
+        for row in reader:
+            values = [float(row[c]) for c in columns if row[c] not in ("", None)]
+            if values:
+                means[str(row["id"])] = float(np.mean(values))
+    return means
 
 
 def markdown_table(summary: Mapping[str, Any]) -> str:

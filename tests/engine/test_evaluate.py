@@ -15,8 +15,10 @@ import torch
 from monai.data import MetaTensor
 
 from tcurlora_seg.adapters import adapter_layers
-from tcurlora_seg.engine.evaluate import evaluate_run, load_reference
+from tcurlora_seg.engine.evaluate import evaluate_run, load_reference, scores_at
 from tcurlora_seg.engine.inference import Segmenter, select_checkpoints
+from tcurlora_seg.engine.metrics import case_metrics
+from tcurlora_seg.engine.postprocess import remove_small_components
 from tcurlora_seg.errors import UserError
 from tests.run_helpers import AFFINE, make_dataset, make_run, one_thread
 
@@ -154,3 +156,31 @@ def test_postprocess_removes_components_below_the_volume(two_models: Segmenter) 
     prob = torch.stack([1 - fg, fg])
     mask = segmenter.postprocess(prob, (2.0, 2.0, 2.0))
     assert mask.dtype == np.uint8 and mask.sum() == 8 and mask[6, 6, 6] == 0
+
+
+def test_one_inference_pass_scores_hd95_with_and_without_the_1cm3_removal(run: Path, dataset: Path, tmp_path: Path) -> None:
+    """The protocol's masks, and from the same argmax the two definitions the comparison reports: all components
+    (cc0) and components < 1000 mm³ removed (cc1000); whichever the protocol is, the other goes beside it."""
+    plain = evaluate_run(run, out_dir=tmp_path / "plain", figures=False, progress=False, device="cpu")
+    paper = evaluate_run(run, min_component_mm3=1000, out_dir=tmp_path / "paper", save_predictions=False, figures=False,
+                         progress=False, device="cpu")
+    assert list(plain["component_variants"]) == ["cc1000"] and list(paper["component_variants"]) == ["cc0"]
+    rows = {}
+    for name in ("plain", "paper"):
+        with open(tmp_path / name / "metrics.csv") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert list(rows["plain"][0]) == ["id", "dice_1", "hd95_1", "empty_1", "dice_cc1000_1", "hd95_cc1000_1", "empty_cc1000_1"]
+    changed = False
+    for row, other in zip(rows["plain"], rows["paper"]):
+        raw = np.asarray(nib.load(tmp_path / "plain" / "predictions" / f"{row['id']}.nii.gz").dataobj)
+        reference, spacing = load_reference(dataset / row["id"] / f"{row['id']}_mask.nii.gz", {})
+        expected = case_metrics(remove_small_components(raw, spacing, 1000.0), reference, spacing, 2)["metrics"]["1"]
+        assert float(row["hd95_cc1000_1"]) == pytest.approx(expected["HD95"]) and float(row["dice_cc1000_1"]) == pytest.approx(expected["Dice"])
+        # the paper's protocol scores the same masks as the plain run's cc1000 columns, and its cc0 the plain ones
+        assert (other["dice_1"], other["hd95_1"]) == (row["dice_cc1000_1"], row["hd95_cc1000_1"])
+        assert (other["dice_cc0_1"], other["hd95_cc0_1"]) == (row["dice_1"], row["hd95_1"])
+        changed |= row["dice_1"] != row["dice_cc1000_1"]
+    assert changed  # the removal took components away here (the masks differ)
+    assert scores_at(plain, 1000.0) == (paper["foreground_mean"], "cc1000")
+    assert scores_at(paper, 0.0) == (plain["foreground_mean"], "cc0") and scores_at(plain, 0.0) == (plain["foreground_mean"], None)
+    assert scores_at(plain, 50.0) is None and scores_at({"foreground_mean": {"Dice": 1.0}}, 0.0)[1] is None

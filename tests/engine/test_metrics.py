@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize, write_metrics_csv
+from tcurlora_seg.engine.metrics import case_means, case_metrics, markdown_table, summarize, write_metrics_csv
 from tcurlora_seg.errors import UserError
 
 SPACING = (0.8, 1.3, 2.5)  # anisotropic on purpose: voxels and mm give different answers
@@ -157,3 +157,23 @@ def test_markdown_table_shows_mean_std_median_and_empty_count():
 def test_summarize_refuses_no_cases():
     with pytest.raises(UserError, match="no cases"):
         summarize([])
+
+
+def test_csv_variant_columns_and_case_means_read_back(tmp_path):
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[0:4, 0:4, 0:4], label[6:9, 6:9, 6:9] = 1, 2
+    per_case = [case_metrics(label, label, (1, 1, 1), 3, case_id="a"), case_metrics(np.zeros_like(label), label, (1, 1, 1), 3, case_id="b")]
+    variant = list(reversed(per_case))
+    with pytest.raises(ValueError, match="other cases"):  # a variant must score the same cases in the same order
+        write_metrics_csv(tmp_path / "metrics.csv", per_case, {"cc1000": variant})
+    variant = [case_metrics(np.zeros_like(label), label, (1, 1, 1), 3, case_id=c) for c in ("a", "b")]
+    write_metrics_csv(tmp_path / "metrics.csv", per_case, {"cc1000": variant})
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:7] == ["id", "dice_1", "hd95_1", "empty_1", "dice_2", "hd95_2", "empty_2"]
+    assert header[7:] == ["dice_cc1000_1", "hd95_cc1000_1", "empty_cc1000_1", "dice_cc1000_2", "hd95_cc1000_2", "empty_cc1000_2"]
+    # the foreground mean over both classes, per case; the variant's own columns; nothing for what was not recorded
+    assert case_means(tmp_path / "metrics.csv") == {"a": 100.0, "b": 0.0}
+    assert case_means(tmp_path / "metrics.csv", variant="cc1000") == {"a": 0.0, "b": 0.0}
+    assert case_means(tmp_path / "metrics.csv", "hd95", "cc1000")["a"] == pytest.approx(math.sqrt(300))
+    assert case_means(tmp_path / "metrics.csv", variant="cc0") == {} and case_means(tmp_path / "nope.csv") == {}
