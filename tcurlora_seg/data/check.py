@@ -1,7 +1,8 @@
 """Integrity check of a dataset before training: ``python -m tcurlora_seg.data.check [overrides]``.
 
-Every case: files exist and load; image and label shapes agree; affines agree within ``data.affine_tol``; label
-values are in ``data.labels``; no NaN/Inf; the label of a training case is not empty after ``data.label_map``
+Every case: files exist and load; image and label shapes agree; affines agree within ``data.affine_tol``; the
+image channels (a 4-D file's after ``data.modality`` picks some) number ``data.in_channels``; label values are in
+``data.labels``; no NaN/Inf; the label of a training case is not empty after ``data.label_map``
 (a warning for val/test). All problems are collected and printed together, one line each naming the file, and the
 command exits with code 2 (``run_check`` returns 2 for the training entry point to do the same before any model is
 built). Exit code 0 prints a one-line summary.
@@ -24,7 +25,7 @@ import numpy as np
 
 from tcurlora_seg.data.layouts import load_cases
 from tcurlora_seg.data.splits import SPLITS, write_split
-from tcurlora_seg.data.transforms import label_mapping
+from tcurlora_seg.data.transforms import channel_indices, label_mapping
 from tcurlora_seg.errors import UserError
 
 __all__ = ["CheckResult", "check_dataset", "run_check", "main"]
@@ -72,12 +73,19 @@ def _check_case(case: Mapping[str, Any], split: str, cfg_data: Mapping[str, Any]
     label = _load(label_path, problems)
     loaded = [(str(p), _load(str(p), problems)) for p in images]
     tol = float(cfg_data.get("affine_tol", 1e-3))
-    channels = 0
+    picked = channel_indices(cfg_data)
+    channels, counted = 0, all(item is not None for _, item in loaded)
     for path, item in loaded:
         if item is None or label is None:
             continue
         data, affine = item
-        channels += data.shape[3] if data.ndim == 4 else 1
+        if data.ndim == 4 and picked is not None and max(picked) >= data.shape[3]:
+            problems.append(f"{path}: {data.shape[3]} channel(s) in its 4th axis, but data.modality={picked} asks for "
+                            f"channel {max(picked)}; choose indices from 0 to {data.shape[3] - 1}")
+            counted = False  # the channel count below would only repeat this
+            continue
+        # a 4-D file gives the channels data.modality picks (all when null), a 3-D file one
+        channels += (len(picked) if picked is not None else data.shape[3]) if data.ndim == 4 else 1
         spatial = data.shape[:3]
         label_shape = label[0].shape[:3]
         if tuple(spatial) != tuple(label_shape):
@@ -86,7 +94,7 @@ def _check_case(case: Mapping[str, Any], split: str, cfg_data: Mapping[str, Any]
         if diff > tol:
             problems.append(f"{label_path}: affine differs from image {path} by {diff:.4g} (> data.affine_tol={tol:g}); resample or fix the header")
     expected = cfg_data.get("in_channels")
-    if expected is not None and channels and all(item is not None for _, item in loaded) and channels != int(expected):
+    if expected is not None and channels and counted and channels != int(expected):
         problems.append(f"{images[0]}: case {case['id']} has {channels} image channel(s) but data.in_channels={expected}")
     if label is None:
         return

@@ -3,7 +3,8 @@
 - ``official``:  t-CURLoRA / LoRA-PT layout, ``sub{i}/sub{i}_img.nii.gz`` + ``sub{i}_mask.nii.gz`` (EADC-ADNI, LPBA40, UPENN-GBM).
 - ``brats2021``: ``BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz``; ``data.modality`` picks the image(s).
 - ``decathlon``: a Medical Segmentation Decathlon ``dataset.json`` (``training`` list), or nnU-Net v2's ``dataset.json``
-  with ``imagesTr/{id}_{0000..}`` and ``labelsTr/{id}``.
+  with ``imagesTr/{id}_{0000..}`` and ``labelsTr/{id}``. ``data.modality`` (channel indices) picks nnU-Net's channel
+  files here, and the channels of MSD's 4-D files (Task01: FLAIR, T1w, T1gd, T2w) in the transforms.
 
 Labels are never rewritten here: ``data.label_map`` is applied by a transform (see transforms.py).
 A case's image is a path, or a list of paths when several modalities / channels are used.
@@ -89,6 +90,7 @@ def _decathlon_index(root: Path, cfg: Mapping[str, Any]) -> dict[str, dict[str, 
         raise UserError(f"{path}: not valid JSON ({err.msg}); restore the file from the dataset download") from err
     cases: dict[str, dict[str, Any]] = {}
     if isinstance(meta.get("training"), list):  # MSD: explicit image/label pairs, paths relative to root
+        _check_msd_channels(path, meta, cfg)
         for item in meta["training"]:
             case_id = _strip_ending(Path(item["label"]).name, ".nii.gz")
             cases[case_id] = {"image": str(root / item["image"]), "label": str(root / item["label"]), "id": case_id}
@@ -107,6 +109,21 @@ def _decathlon_index(root: Path, cfg: Mapping[str, Any]) -> dict[str, dict[str, 
         images = [str(root / "imagesTr" / f"{case_id}_{c:04d}{ending}") for c in channels]
         cases[case_id] = {"image": images[0] if len(images) == 1 else images, "label": str(label), "id": case_id}
     return cases
+
+
+def _check_msd_channels(path: Path, meta: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """``data.modality`` against the channels MSD's dataset.json names (``"modality": {"0": "FLAIR", ...}``); the
+    transforms pick them from each 4-D file, and the data check counts what each file holds."""
+    from tcurlora_seg.data.transforms import channel_indices
+
+    wanted, modality = cfg.get("modality"), meta.get("modality")
+    if wanted is None or not isinstance(modality, Mapping):
+        return
+    indices = channel_indices(cfg)
+    names = {int(k): str(v) for k, v in modality.items()}
+    if indices is None or any(c not in names for c in indices):
+        listed = ", ".join(f"{k} {v}" for k, v in sorted(names.items()))
+        raise UserError(f"data.modality={wanted!r}: {path} names the channels {listed}; give a list of those indices or null for all")
 
 
 _INDEX_CACHE: dict[str, Any] = {}
