@@ -17,9 +17,10 @@ config.yaml and exactly its split.json (and its seed). Each seed becomes a run f
 runs of the methods; at the end the tables of OUT are written again (comparison.csv / .md / .png). A seed that
 finished earlier with the same settings is kept (``--force`` trains it again).
 
-Budgets: ``cpu`` (default): nnUNetTrainerBudget, nnU-Net's trainer with 10 epochs x 12 iterations and one
-validation iteration per epoch, on the CPU; ``gpu``: nnU-Net's own nnUNetTrainer, 1000 epochs x 250 iterations, on
-cuda. Always plans 3d_fullres and trains fold ``all`` (every training case, nothing held out). The trainer, its
+Budgets: ``cpu`` (default): nnUNetTrainerBudget, nnU-Net's trainer with 2 epochs x 6 iterations and one
+validation iteration per epoch, on the CPU, inference without test-time mirroring (about 10 minutes on the demo with
+one thread: a smoke run of the pipeline, far too short to learn the task, see docs/nnunet.md); ``gpu``: nnU-Net's own
+nnUNetTrainer, 1000 epochs x 250 iterations, on cuda, with mirroring. Always plans 3d_fullres and trains fold ``all`` (every training case, nothing held out). The trainer, its
 counts and the training time go into each run folder's train_stats.json and config.yaml.
 """
 

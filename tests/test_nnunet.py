@@ -276,8 +276,10 @@ def test_nnunet_trains_on_the_training_cases_and_predicts_the_test_cases(tmp_pat
     assert (trained / "checkpoint_final.pth").is_file()
     predicted = run_dir / "nnunet" / "predictions"
     assert {p.name for p in predicted.glob("*.nii.gz")} == {"sub5.nii.gz", "sub6.nii.gz"}
-    for case in ("sub5", "sub6"):  # on the image's grid
-        assert nib.load(predicted / f"{case}.nii.gz").shape == (32, 32, 32)
+    for case in ("sub5", "sub6"):  # on the image's grid (nnU-Net transposes the anisotropic axes and back)
+        mask, image = nib.load(predicted / f"{case}.nii.gz"), nib.load(root / case / f"{case}_img.nii.gz")
+        assert mask.shape == image.shape
+        np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
     assert [r["id"] for r in read_csv(run_dir / "eval" / "metrics.csv")] == ["sub5", "sub6"]
     stats = json.loads((run_dir / "train_stats.json").read_text())
     assert (stats["trainer"], stats["epochs"], stats["iterations_per_epoch"], stats["device"]) == ("nnUNetTrainerBudget", 1, 2, "cpu")

@@ -69,7 +69,8 @@ class Budget:
 
 # cpu: nnU-Net's trainer with fewer epochs and iterations (nnunet_train.nnUNetTrainerBudget), inference without
 # mirroring: on the demo's default target (5 training cases; nnU-Net plans 3d_fullres, patch 80x96x80, batch 2,
-# about 34 s per step on one thread) about 10 minutes in all on one thread, see docs/nnunet.md.
+# 34 s per step on one thread) 10 minutes in all, of which 7.3 training: it tests the pipeline, it does not learn
+# the task (docs/nnunet.md). A reference row needs the gpu budget.
 # gpu: nnU-Net as it ships: nnUNetTrainer (1000 epochs x 250 iterations, 50 validation iterations), mirroring.
 BUDGETS = {"cpu": Budget("cpu", "nnUNetTrainerBudget", 2, 6, 1, "cpu", False),
            "gpu": Budget("gpu", "nnUNetTrainer", 1000, 250, 50, "cuda", True)}

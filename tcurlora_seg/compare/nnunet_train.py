@@ -38,16 +38,16 @@ PLANS = "nnUNetPlans"
 class nnUNetTrainerBudget(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming: the trainer's class name is its id)
     """nnU-Net's default trainer with fewer epochs and iterations (the CPU budget); everything else as nnU-Net's.
 
-    The counts come from the class attribute ``budget`` (set from ``--budget`` before the trainer is built): nnU-Net
-    rebuilds trainers from their ``__init__`` arguments, so the signature stays nnUNetTrainer's."""
+    The counts come from the class attribute ``budget`` (set from ``--budget`` before the trainer is built) and are
+    set in ``initialize``, before the optimizer and its poly lr schedule are built from ``num_epochs``: ``__init__``
+    stays nnUNetTrainer's, whose signature nnU-Net records (and which changed in 2.6: ``unpack_dataset`` went)."""
 
     budget: dict[str, int] = {"num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")) -> None:
-        super().__init__(plans, configuration, fold, dataset_json, device)
+    def initialize(self) -> None:
         for key, value in self.budget.items():
             setattr(self, key, int(value))
+        super().initialize()
 
 
 TRAINERS = {"nnUNetTrainer": nnUNetTrainer, "nnUNetTrainerBudget": nnUNetTrainerBudget}
