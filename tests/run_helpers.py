@@ -80,16 +80,17 @@ def make_dataset(root: Path, lists: dict[str, list[int]]) -> Path:
     return root
 
 
-def compose_run_config(data_root: Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """configs/train.yaml with the tiny model on the official layout."""
+def compose_run_config(data_root: Path, overrides: Sequence[str] = (), data: str = "official",
+                       roi_size: Sequence[int] = (32, 32, 32)) -> DictConfig:
+    """configs/train.yaml with the tiny model on the official layout (or another ``data`` config)."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         return compose(
             "train",
             overrides=[
                 "model=unetr_tiny",
-                "data=official",
+                f"data={data}",
                 f"data.root={data_root}",
-                "data.roi_size=[32,32,32]",
+                f"data.roi_size=[{','.join(str(int(s)) for s in roi_size)}]",
                 "data.num_workers=0",
                 "peft.rank=2",
                 "model.pretrained=null",
@@ -99,9 +100,10 @@ def compose_run_config(data_root: Path, overrides: Sequence[str] = ()) -> DictCo
         )
 
 
-def make_run(run_dir: Path, data_root: Path, overrides: Sequence[str] = (), epochs: Sequence[int] = (1, 2)) -> Path:
+def make_run(run_dir: Path, data_root: Path, overrides: Sequence[str] = (), epochs: Sequence[int] = (1, 2),
+             data: str = "official", roi_size: Sequence[int] = (32, 32, 32)) -> Path:
     """A run folder: config.yaml, checkpoints/best.pt and one ``epoch_NNNN.pt`` per epoch, each with other weights."""
-    cfg = compose_run_config(data_root, overrides)
+    cfg = compose_run_config(data_root, overrides, data, roi_size)
     save_run_config(cfg, run_dir)
     model, _ = build_model(cfg)
     trained = [p for p in model.parameters() if p.requires_grad]

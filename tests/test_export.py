@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tcurlora_seg.engine.predict import predict
+from tcurlora_seg.engine.run import load_run_config
 from tests.run_helpers import REPO, make_dataset, make_run, one_thread, write_scan
 from tests.test_evaluate import assert_one_line_error, run_module
 
@@ -40,11 +41,27 @@ def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module", params=["as stored", "reoriented and resampled"])
+SETTINGS = {
+    "as stored": [],
+    "reoriented and resampled": ["data.orientation=LPS", "data.spacing=[1.5,1.5,1.5]"],
+    # MSD Task01's layout: channels in a 4-D file's 4th axis, data.modality picks one (here the second)
+    "4-D files, data.modality=[1], reoriented": ["data.modality=[1]", "data.orientation=LPS"],
+}
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
 def run(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("export")
-    extra = ["data.orientation=LPS", "data.spacing=[1.5,1.5,1.5]"] if request.param != "as stored" else []
-    return make_run(root / "run", make_dataset(root / "ds", {"train": [1], "test": [2]}), extra, epochs=())
+    return make_run(root / "run", make_dataset(root / "ds", {"train": [1], "test": [2]}), SETTINGS[request.param], epochs=())
+
+
+def as_4d(scan: Path, channel: int, seed: int) -> None:
+    """Rewrite ``scan`` as a 4-D file of 3 channels, the scan in ``channel`` and other contrasts in the rest."""
+    image = nib.load(scan)
+    data = np.asarray(image.dataobj)
+    rng = np.random.default_rng(seed)
+    others = [data[::-1] + rng.uniform(0, 1, data.shape).astype(np.float32) * (data > 0) for _ in range(2)]
+    nib.save(nib.Nifti1Image(np.stack([*others[:channel], data, *others[channel:]], axis=-1), image.affine), scan)
 
 
 def test_the_bundle_runs_with_monai_alone_and_gives_predicts_masks(run: Path, tmp_path: Path) -> None:
@@ -71,6 +88,11 @@ def test_the_bundle_runs_with_monai_alone_and_gives_predicts_masks(run: Path, tm
     write_scan(scans / "b", seed=6, shape=(30, 26, 18), affine=np.diag([1.5, 1.5, 2.0, 1.0]))
     for mask in scans.glob("*_mask.nii.gz"):
         mask.unlink()
+    modality = load_run_config(run).data.get("modality")
+    if modality is not None:
+        for seed, scan in enumerate(sorted(scans.iterdir())):
+            as_4d(scan, int(modality[0]), seed)
+        assert all(nib.load(p).ndim == 4 for p in scans.iterdir())
     done = monai_bundle("run", "--config_file", str(config), "--meta_file", str(metadata), "--bundle_root", str(bundle),
                         "--input_dir", str(scans), "--output_dir", str(tmp_path / "bundle_masks"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

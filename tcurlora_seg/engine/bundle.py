@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tcurlora_seg.adapters import merged_state_dict
+from tcurlora_seg.data.transforms import channel_indices
 from tcurlora_seg.engine.inference import DEFAULT_OVERLAP
 from tcurlora_seg.engine.run import load_run_config, restore_model
 from tcurlora_seg.errors import UserError
@@ -49,6 +50,15 @@ def network_def(cfg: DictConfig) -> dict[str, Any]:
     return {"_target_": target, **arch}
 
 
+def _pick_channels(channels: list[int]) -> str:
+    """``SelectChannelsd`` in MONAI alone, after ``EnsureChannelFirstd``: ``channels`` of an image read from a 4-D file
+    (the reader's ``original_channel_dim`` -1), marked as a 3-D file's image is (no channel axis in the file); a 3-D
+    file passes unchanged. The mark matters to MONAI 1.6's ``SaveImaged``, which takes one spatial dimension off a
+    channel-last mask whose source had channels: its affine comes out 3 x 3 and the save fails."""
+    return (f"$lambda x: monai.data.MetaTensor(x[{channels}], meta={{**x.meta, 'original_channel_dim': float('nan')}}, "
+            "applied_operations=list(x.applied_operations)) if x.meta.get('original_channel_dim') == -1 else x")
+
+
 def preprocessing(cfg_data: dict[str, Any]) -> dict[str, Any]:
     """``data.transforms.build_transforms(cfg_data, "test")`` for the image key, as bundle components.
 
@@ -57,6 +67,9 @@ def preprocessing(cfg_data: dict[str, Any]) -> dict[str, Any]:
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
     ]
+    channels = channel_indices(cfg_data)
+    if channels is not None:
+        chain.append({"_target_": "Lambdad", "keys": "image", "func": _pick_channels(channels)})
     if cfg_data.get("orientation"):
         chain.append({"_target_": "Orientationd", "keys": "image", "axcodes": str(cfg_data["orientation"]),
                       "labels": _AXIS_LABELS})
@@ -74,7 +87,7 @@ def inference_config(cfg: DictConfig, overlap: float) -> dict[str, Any]:
     invert = [{"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
                "nearest_interp": False, "to_tensor": True}] if resampled else []
     return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
+        "imports": ["$import glob", "$import os", "$import monai", "$import numpy", "$import torch"],
         "bundle_root": ".",
         "input_dir": "$@bundle_root + '/sample'",
         "output_dir": "$@bundle_root + '/eval'",

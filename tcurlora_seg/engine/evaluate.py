@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from tcurlora_seg.data.layouts import load_cases
 from tcurlora_seg.data.splits import SPLITS
-from tcurlora_seg.data.transforms import label_mapping
+from tcurlora_seg.data.transforms import channel_indices, label_mapping
 from tcurlora_seg.engine.figures import case_slices, plot_dice_per_case, plot_overlays
 from tcurlora_seg.engine.inference import Segmenter, select_checkpoints, voxel_spacing, write_mask
 from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize, write_metrics_csv
@@ -71,10 +71,10 @@ def _on_label_grid(image: str, reference: np.ndarray) -> bool:
     return tuple(nib.load(image).shape[:3]) == reference.shape
 
 
-def _image_volume(image: str) -> np.ndarray:
-    """The image file as stored, its first channel."""
+def _image_volume(image: str, cfg_data: dict[str, Any]) -> np.ndarray:
+    """The image file as stored; of a 4-D file, the first channel that ``data.modality`` picks (the model's input)."""
     volume = mt.LoadImage(image_only=True)(image).numpy()
-    return volume[..., 0] if volume.ndim == 4 else volume
+    return volume[..., (channel_indices(cfg_data) or [0])[0]] if volume.ndim == 4 else volume
 
 
 def _cases(cfg_data: dict[str, Any], split: str, run_dir: Path) -> list[dict[str, Any]]:
@@ -172,7 +172,7 @@ def evaluate_run(
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if figures:
         title = f"{run_dir.name}: {cfg.peft.name}, checkpoint {'+'.join(names)}, {split} split ({len(per_case)} cases)"
-        plot_overlays(slices, out / "overlays.png", title, image_of=lambda c: _image_volume(images[c.case_id]))
+        plot_overlays(slices, out / "overlays.png", title, image_of=lambda c: _image_volume(images[c.case_id], cfg_data))
         plot_dice_per_case([str(c["id"]) for c in per_case],
                            [float(np.mean([m["Dice"] for m in c["metrics"].values()])) for c in per_case],
                            out / "dice_per_case.png", title)

@@ -1,8 +1,8 @@
 """Inference of a trained run, shared by ``evaluate`` and ``predict``.
 
 One volume goes through:
-    1. the run's validation/test transforms, image only (load, channel first, ``data.orientation`` /
-       ``data.spacing`` if set, z-score): the model grid;
+    1. the run's validation/test transforms, image only (load, ``data.modality``'s channels of a 4-D file, channel
+       first, ``data.orientation`` / ``data.spacing`` if set, z-score): the model grid;
     2. a MONAI ``SlidingWindowInferer`` (ROI = ``data.roi_size`` = UNETR ``img_size``, gaussian blending,
        ``trainer.sw_batch_size`` windows at a time) per model; windows run on the model device, the whole volume is
        stitched on the CPU (DESIGN §5), so a GPU only ever holds a batch of windows;
@@ -33,7 +33,7 @@ from monai.transforms.utils import allow_missing_keys_mode
 from omegaconf import DictConfig, OmegaConf
 
 from tcurlora_seg.adapters import merge_adapter
-from tcurlora_seg.data.transforms import build_transforms
+from tcurlora_seg.data.transforms import build_transforms, user_error_of
 from tcurlora_seg.engine.postprocess import remove_small_components
 from tcurlora_seg.engine.run import epoch_checkpoints, resolve_device, restore_model
 from tcurlora_seg.errors import UserError
@@ -157,8 +157,14 @@ class Segmenter:
 
     def preprocess(self, image: str | os.PathLike | Sequence[str]) -> MetaTensor:
         """The run's test transforms applied to the image alone: (C_in, D', H', W') on the model grid, with metadata."""
-        with allow_missing_keys_mode(self.transform):  # the chain also maps "label"; here there is none
-            data = self.transform({"image": image})["image"]
+        try:
+            with allow_missing_keys_mode(self.transform):  # the chain also maps "label"; here there is none
+                data = self.transform({"image": image})["image"]
+        except RuntimeError as err:  # MONAI wraps what a transform raises: a file data.modality does not fit
+            cause = user_error_of(err)
+            if cause is None:
+                raise
+            raise cause from None
         expected = int(self.cfg.model.in_channels)
         if data.shape[0] != expected:
             raise UserError(f"{image}: {data.shape[0]} image channel(s), but the run's model.in_channels is {expected}")
