@@ -172,4 +172,4 @@ def test_brats_orientation_is_kept_and_reorienting_moves_image_and_label_togethe
     assert nib.aff2axcodes(ras["label"].affine.numpy()) == ("R", "A", "S")
     # RAS flips BraTS' first two axes: the same voxels, in the image and in the label
     np.testing.assert_array_equal(ras["label"][0].numpy(), kept["label"][0].numpy()[::-1, ::-1])
-    np.testing.assert_allclose(ras["image"][0].numpy(), kept["image"][0].numpy()[::-1, ::-1])
+    np.testing.assert_allclose(ras["image"][0].numpy(), kept["image"][0].numpy()[::-1, ::-1], atol=1e-5)  # z-score sums in another order
