@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tcurlora_seg.compare.collect import collect_run, run_folders, select
-from tcurlora_seg.compare.constants import ADAPTER_LRS, GROUPS, REFERENCE, attribution
+from tcurlora_seg.compare.constants import ADAPTER_LRS, GROUPS, REFERENCE, SCRATCH, attribution
 from tcurlora_seg.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]  # the repository: configs/ and the package for the runs
@@ -169,7 +169,9 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     zero_shot = {_value(run, "seed") for name, num, run in earlier
                  if (folder(name, num, run) / "eval_pretrained" / "summary.json").is_file()}
     first_of_seed = set()
-    for name, num, run in queue:
+    # a run from scratch has no pretrained model to evaluate (nor pretrains the demo's source model): not it
+    transfer = lambda job: _value(job[2], "peft") != SCRATCH  # noqa: E731
+    for name, num, run in filter(transfer, queue):
         if _value(run, "seed") not in zero_shot:
             zero_shot.add(_value(run, "seed"))
             first_of_seed.add((name, num))
@@ -196,10 +198,11 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     if not queue:
         return []
     print(f"{len(queue)} runs, {jobs} at a time, logs in {out / 'logs'}", flush=True)
-    run_one(queue[0], alone)  # alone: it may pretrain the demo's source model, which every later run loads
+    first = next(filter(transfer, queue), queue[0])
+    run_one(first, alone)  # alone: it may pretrain the demo's source model, which every later run loads
     with ThreadPoolExecutor(jobs) as pool:
         # on Ctrl-C, map cancels the queued runs; the running ones got the Ctrl-C too and save their checkpoints
-        list(pool.map(run_one, queue[1:]))
+        list(pool.map(run_one, [job for job in queue if job is not first]))
     return [name for name in sweeps if name in failed]
 
 

@@ -13,7 +13,7 @@ from tcurlora_seg.compare.collect import (
     _read_json, aggregate, case_values, pair_with_reference, pair_with_zero_shot, partners, select, sweep_rows, zero_shot_rows,
 )
 from tcurlora_seg.compare.constants import (
-    COLUMNS, FIELDS, KEYS, METHODS, PAIRED, REFERENCE, SWEEPS, UNCERTAINTY, VS_ZERO_SHOT, ZERO_SHOT, attribution,
+    COLUMNS, FIELDS, KEYS, ORDER, PAIRED, REFERENCE, SWEEPS, UNCERTAINTY, VS_ZERO_SHOT, ZERO_SHOT, attribution,
 )
 from tcurlora_seg.compare.figures import plot_ablation, plot_comparison, plot_tuning
 from tcurlora_seg.compare.tuning import tuning_markdown
@@ -114,9 +114,8 @@ def report(out: Path) -> list[Path]:
             settings = [setting for backbone in BACKBONES for setting in attribution(backbone).values()]
             order = [ZERO_SHOT, REFERENCE, *("+".join([m, *extra]) for m, extra in settings), "full"]
             entries.sort(key=lambda e: order.index(e["setting"]) if e["setting"] in order else len(order))
-        else:  # zero-shot, then the paper's order, also for runs collected from several sweeps (e.g. over machines)
-            entries.sort(key=lambda e: ([ZERO_SHOT, *METHODS].index(e["method"]) if e["method"] in [ZERO_SHOT, *METHODS]
-                                        else len(METHODS) + 1))
+        else:  # zero-shot and scratch, then the paper's order, also for runs collected from several sweeps
+            entries.sort(key=lambda e: ORDER.index(e["method"]) if e["method"] in ORDER else len(ORDER))
         columns = COLUMNS[stem]
         if not any(row[PAIRED] is not None for row in rows):  # no decoder-only runs of the same seeds to pair with
             columns = [c for c in columns if c[1] not in (PAIRED, "above_reference", *UNCERTAINTY[PAIRED][:2])]

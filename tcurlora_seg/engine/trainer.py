@@ -33,7 +33,7 @@ from tcurlora_seg.engine import distributed
 from tcurlora_seg.engine.distributed import Dist
 from tcurlora_seg.engine.handlers import (CaseMetrics, FiniteLoss, GlobalLoss, RunCheckpoints, TensorBoardValidation,
                                           TrainStats, first_loss)
-from tcurlora_seg.engine.run import build_model, resolve_device, save_run_config
+from tcurlora_seg.engine.run import build_model, is_scratch, resolve_device, save_run_config
 from tcurlora_seg.errors import UserError
 
 __all__ = ["Autocast", "with_precision", "build_loaders", "build_evaluator", "build_trainer", "fit"]
@@ -247,7 +247,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
             TensorBoardValidation(writer, metrics, trainer, optimizer, bool(cfg.trainer.log_images)).attach(evaluator)
     if cfg.trainer.progress and main:
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": first_loss(out)})
-    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained") and main:
+    # (from scratch there is no pretrained model: its random init is no zero-shot level)
+    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained") and not is_scratch(cfg) and main:
         checkpoints.save_pretrained()
     if resume is not None:
         checkpoints.restore(trainer, resume)
