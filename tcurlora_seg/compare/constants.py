@@ -28,7 +28,8 @@ VS_ZERO_SHOT = "dice_vs_zero_shot"
 # HD95 under two definitions (engine.evaluate.COMPONENT_VARIANTS): "hd95" with every predicted component,
 # "hd95_cc1000" after removing components < 1000 mm³ (the paper's); "dice" is the run's own evaluation protocol
 # (its "min_component_mm3"), "dice_cc1000" after the removal. "metrics_csv": the per-case file the statistics read.
-FIELDS = ["method", "setting", "rank", "groups", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
+# "shots": the run's number of training cases (its split.json; a shots sweep's k, data.split.shots).
+FIELDS = ["method", "setting", "rank", "groups", "shots", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
           "hd95", "hd95_cc1000", "dice_cc1000", "min_component_mm3", "vit_change_pct", "trainable", "adapter_mb",
           "step_time_s", "peak_memory_mb", "run_dir", "metrics_csv"]
 METRICS = ["trainable", "adapter_mb", "dice", PAIRED, VS_ZERO_SHOT, "hd95", "hd95_cc1000", "vit_change_pct", "step_time_s",

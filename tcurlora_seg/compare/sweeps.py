@@ -32,6 +32,25 @@ def comparison_overrides(methods: Sequence[str], seeds: Sequence[int], experimen
     return [f"+experiment={experiment}", f"seed={','.join(map(str, seeds))}", f"peft={','.join(methods)}"]
 
 
+def shots_overrides(shots: Sequence[int], experiment: str, extra: Sequence[str] = ()) -> dict[int, list[str]]:
+    """k -> the overrides that train on the first k cases of one fixed training list (``data.split.shots``); the
+    embedded demo first grows its pool to max(k) cases (``data.demo.train``), the same pool for every k, so that the
+    first k are the same cases in every run, and val / test do not change."""
+    cfg = run_config(experiment, extra)
+    pool = [f"data.demo.train={max(shots)}"] if cfg is not None and cfg.data.get("demo") else []
+    return {k: [f"data.split.shots={k}", *pool] for k in shots}
+
+
+def shots_sweeps(methods: Sequence[str], seeds: Sequence[int], experiment: str, by_k: dict[int, list[str]],
+                 lrs: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """One comparison per k, labelled by k (``runs/shots_KK``). ``lrs``: method -> its lr overrides (tuned), one
+    sweep per method and k then (``runs/shots_KK/<method>``)."""
+    if lrs is None:
+        return {f"runs/shots_{k:02d}": [*comparison_overrides(methods, seeds, experiment), *over] for k, over in by_k.items()}
+    return {f"runs/shots_{k:02d}/{m}": [f"+experiment={experiment}", f"seed={','.join(map(str, seeds))}", f"peft={m}",
+                                        *lrs.get(m, []), *over] for k, over in by_k.items() for m in methods}
+
+
 def ablation_overrides(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:
     """One tCURLoRA multirun over ranks x group settings (the full grid when both have several values)."""
     # Hydra sweeps over lists with comma-separated list literals: peft.groups=[attn],[mlp_up,mlp_down]
@@ -234,9 +253,11 @@ def launch(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: 
     return [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
 
 
-def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path) -> tuple[dict[str, list[str]], list[str], list[str]]:
+def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path
+                 ) -> tuple[dict[str, list[str]], list[str], list[str], dict[str, float]]:
     """Tune on validation, then the final sweeps: (the sweeps left to run, overrides that every later run of the
-    comparison's settings needs (the chosen decoder lr), the sweeps that failed on the way).
+    comparison's settings needs (the chosen decoder lr), the sweeps that failed on the way, the chosen adapter lr per
+    tuned method).
 
     1. with ``--lrs``: decoder-only at every decoder lr (``optim.lr``), tuning seeds; the best validation Dice picks
        the shared decoder lr;
@@ -275,6 +296,7 @@ def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path) -> t
                  for m in tuned}
         if REFERENCE in args.methods:
             final[f"runs/final/{REFERENCE}"] = [*base, seeds(rest), f"peft={REFERENCE}", *decoder]
+    methods = {m: chosen[m] for m in tuned}
     if "tcurlora" in chosen:  # the ablation runs at tCURLoRA's own lr
         decoder = [*decoder, f"optim.adapter_lr={chosen['tcurlora']:g}"]
-    return final, decoder, failed
+    return final, decoder, failed, methods
