@@ -25,6 +25,13 @@ and each method's Δ Dice vs zero-shot, paired by seed. The attribution sweep (`
 encoder1..4, the patch embedding, the ViT blocks) and the skip encoders on top of tCURLoRA (``peft.train_extra``, at
 the decoder's lr), beside the comparison's decoder-only and full: which part the gap to full fine-tuning comes from.
 
+Shots (``--shots K ...``, issue 29): every method trained on the first K training cases of one fixed list
+(``data.split.shots``; the demo's pool grows to max K, ``data.demo.train``), the same validation and test cases for
+every K, into ``OUT/runs/shots_KK``; ``comparison.csv`` gets a ``shots`` column, ``shots.md`` / ``shots.png`` test
+Dice vs K with each method's Δ vs ``scratch`` (the backbone trained from its random init) and the K from which it
+beats scratch. With ``--adapter-lrs`` the lrs are tuned once, at ``--tune-shots`` (default the largest K): the step
+count does not depend on K (docs/comparison.md says why and what it costs).
+
 Underneath are Hydra multiruns of the real entry point, so any launcher works unchanged:
     python -m tcurlora_seg.train -m +experiment=E seed=0,1,2 peft=M1,M2,... [EXTRA] hydra.sweep.dir=OUT/runs
     python -m tcurlora_seg.train -m +experiment=E peft=tcurlora peft.rank=1,2,4,8,16 \\
@@ -81,7 +88,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, fro
 
 from tcurlora_seg.compare.constants import GROUPS, METHODS, RANKS  # noqa: E402
 from tcurlora_seg.compare.sweeps import (  # noqa: E402
-    ablation_sweeps, attribution_sweeps, comparison_overrides, comparison_setting, has_validation, launch, tuned_sweeps,
+    ablation_sweeps, attribution_sweeps, comparison_overrides, comparison_setting, has_validation, launch, shots_overrides,
+    shots_sweeps, tuned_sweeps,
 )
 from tcurlora_seg.compare.tables import report  # noqa: E402
 from tcurlora_seg.errors import UserError  # noqa: E402
@@ -119,6 +127,13 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="first choose the shared decoder lr (optim.lr) among these with decoder-only on validation")
     parser.add_argument("--tune-seeds", nargs="+", type=int, metavar="SEED",
                         help="seeds to tune on (default: all of --seeds); the final numbers use every seed")
+    parser.add_argument("--shots", nargs="+", type=int, metavar="K",
+                        help="shots sweep (issue 29): every method trained on the first K training cases of one fixed "
+                             "seeded list, for each K (the same validation and test cases); OUT/runs/shots_KK, a "
+                             "shots column in comparison.csv, shots.md / shots.png; replaces the ablation")
+    parser.add_argument("--tune-shots", type=int, metavar="K",
+                        help="with --shots and --adapter-lrs: the K the lrs are tuned at, once for every K "
+                             "(default: the largest K)")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument("--collect-only", type=Path, metavar="OUT", help="only collect the runs already in OUT (no training)")
     return parser.parse_args(argv), extra
@@ -134,6 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.comparison or args.ablation or args.collect_only):
         print("error: --no-comparison with --no-ablation leaves nothing to run; drop one of them", file=sys.stderr)
         return 2
+    if args.shots and (min(args.shots) < 1 or (args.tune_shots is not None and args.tune_shots not in args.shots)):
+        print(f"error: --shots {args.shots} / --tune-shots {args.tune_shots}: give case counts >= 1, the tuning one "
+              "among them", file=sys.stderr)
+        return 2
+    if args.shots and args.ablation and not args.collect_only:
+        print("note: --shots runs no ablation (it ablates the default comparison)", file=sys.stderr)
+        args.ablation = False
     tuning = args.adapter_lrs is not None or args.lrs is not None
     if tuning and not args.collect_only:
         problem = None
@@ -153,8 +175,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.collect_only is None:
             out.mkdir(parents=True, exist_ok=True)
             sweeps, shared_overrides = {}, []
-            if tuning:
-                sweeps, shared_overrides, failed = tuned_sweeps(args, extra, out)
+            by_k = shots_overrides(args.shots, args.experiment, extra) if args.shots else {}
+            if tuning and args.shots:
+                # once, at one k (see shots_lrs): tuning and final runs there, then every other k at those lrs
+                tune_k = args.tune_shots or max(args.shots)
+                at_k = by_k.pop(tune_k)
+                sweeps, shared_overrides, failed, chosen = tuned_sweeps(args, [*extra, *at_k], out)
+                sweeps = {name: [*overrides, *at_k] for name, overrides in sweeps.items()}  # its final seeds
+                decoder = [o for o in shared_overrides if not o.startswith("optim.adapter_lr=")]  # (the ablation's)
+                lrs = {m: [*([f"optim.adapter_lr={chosen[m]:g}"] if m in chosen else []), *decoder] for m in args.methods}
+                sweeps.update(shots_sweeps(args.methods, args.seeds, args.experiment, by_k, lrs))
+            elif tuning:
+                sweeps, shared_overrides, failed, _ = tuned_sweeps(args, extra, out)
+            elif args.shots:
+                sweeps = shots_sweeps(args.methods, args.seeds, args.experiment, by_k)
             elif args.comparison:
                 sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)}
             if args.ablation:

@@ -32,7 +32,9 @@ log = logging.getLogger("tcurlora_seg")
 def run(cfg: DictConfig) -> None:
     from tcurlora_seg.engine import distributed
     from tcurlora_seg.engine.evaluate import check_eval_protocol
+    from tcurlora_seg.engine.run import scratch_config
 
+    scratch_config(cfg)  # before anything reads model.pretrained: a scratch run saves and rebuilds it as null
     if cfg.trainer.evaluate:
         check_eval_protocol(cfg)
     ctx, device = distributed.init(cfg.trainer.device)

@@ -63,6 +63,7 @@ def collect_run(run_dir: Path) -> dict:
         "setting": "+".join([peft["name"], *(peft.get("train_extra") or [])]),
         "rank": peft.get("rank"),
         "groups": "+".join(peft["groups"]) if peft.get("groups") else None,
+        "shots": shots_of(run_dir, cfg),
         "seed": cfg["seed"],
         "lr": _float(optim.get("lr")),
         # decoder-only has no tensors of its own: its adapter lr means nothing and is left empty
@@ -79,6 +80,22 @@ def collect_run(run_dir: Path) -> dict:
         "peak_memory_mb": stats.get("peak_memory_mb"),
         "run_dir": str(run_dir),
     }
+
+
+def shots_of(run_dir: Path, cfg: dict) -> int | None:
+    """How many training cases the run trained on: its split.json's (what the trainer wrote), else the config's
+    ``data.split.shots``; None when neither says."""
+    split = _read_json(run_dir / "split.json")
+    if isinstance(split.get("train"), list):
+        return len(split["train"])
+    shots = ((cfg.get("data") or {}).get("split") or {}).get("shots")
+    return None if shots is None else int(shots)
+
+
+def shots_key(row: dict) -> int | None:
+    """A row's ``shots`` as an int (CSV rows hold strings), None when empty: runs pair within the same k."""
+    value = row.get("shots")
+    return None if value in (None, "") else int(float(value))
 
 
 def vit_change_of(run_dir: Path) -> float | None:
@@ -154,10 +171,11 @@ def pair_with_reference(rows: Sequence[dict], reference: Sequence[dict]) -> None
     """Set each row's ``PAIRED``: its Dice minus the Dice of the ``REFERENCE`` run of the same seed in ``reference``.
 
     None where either Dice is missing, for seeds that decoder-only did not run, and for decoder-only itself (0 by
-    definition, and its own spread is the one the others are paired against)."""
-    dice = {str(r["seed"]): float(r["dice"]) for r in partners(reference, REFERENCE) if r.get("dice") not in (None, "")}
-    for row in rows:
-        partner = dice.get(str(row["seed"]))
+    definition, and its own spread is the one the others are paired against). In a shots sweep the pair also shares k."""
+    dice = {(str(r["seed"]), shots_key(r)): float(r["dice"]) for r in partners(reference, REFERENCE)
+            if r.get("dice") not in (None, "")}
+    for row in rows:  # the same seed and the same training cases (a shots sweep's k)
+        partner = dice.get((str(row["seed"]), shots_key(row)))
         paired = row["method"] != REFERENCE and partner is not None and row.get("dice") not in (None, "")
         row[PAIRED] = float(row["dice"]) - partner if paired else None
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from tcurlora_seg.adapters.backbones import BACKBONES
 
-# The order of the paper's Table 1: references first, the rivals, tCURLoRA last.
-METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora"]
+# The order of the paper's Table 1: references first, the rivals, tCURLoRA last; then training from scratch (no
+# transfer, issue 29), last so that a sweep's first run is one that pretrains the demo's source model when needed.
+METHODS = ["full", "decoder_only", "lora", "dora", "pissa", "loha", "lokr", "curlora", "lora_pt", "tcurlora", "scratch"]
+SCRATCH = "scratch"  # (engine.run.SCRATCH; not imported from there: the engine imports MONAI)
+# nnU-Net trained on the same cases by its own pipeline (another tool's rows in comparison.csv, same columns)
+NNUNET = "nnunet"
+# The tables' order: the levels without transfer (zero-shot, scratch, nnU-Net) above the transfer methods.
+ORDER = ["zero_shot", SCRATCH, NNUNET, *(m for m in METHODS if m != SCRATCH)]
 RANKS = [1, 2, 4, 8, 16]
 GROUPS = {"attn": ["attn"], "mlp": ["mlp_up", "mlp_down"], "all": ["attn", "mlp_up", "mlp_down"]}
 # The paired baseline: every method trains the decoder as decoder-only does, plus its own part of the encoder, and
@@ -22,7 +28,8 @@ VS_ZERO_SHOT = "dice_vs_zero_shot"
 # HD95 under two definitions (engine.evaluate.COMPONENT_VARIANTS): "hd95" with every predicted component,
 # "hd95_cc1000" after removing components < 1000 mm³ (the paper's); "dice" is the run's own evaluation protocol
 # (its "min_component_mm3"), "dice_cc1000" after the removal. "metrics_csv": the per-case file the statistics read.
-FIELDS = ["method", "setting", "rank", "groups", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
+# "shots": the run's number of training cases (its split.json; a shots sweep's k, data.split.shots).
+FIELDS = ["method", "setting", "rank", "groups", "shots", "seed", "lr", "adapter_lr", "val_dice", "selected", "dice", PAIRED, VS_ZERO_SHOT,
           "hd95", "hd95_cc1000", "dice_cc1000", "min_component_mm3", "vit_change_pct", "trainable", "adapter_mb",
           "step_time_s", "peak_memory_mb", "run_dir", "metrics_csv"]
 METRICS = ["trainable", "adapter_mb", "dice", PAIRED, VS_ZERO_SHOT, "hd95", "hd95_cc1000", "vit_change_pct", "step_time_s",

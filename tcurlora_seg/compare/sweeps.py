@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tcurlora_seg.compare.collect import collect_run, run_folders, select
-from tcurlora_seg.compare.constants import ADAPTER_LRS, GROUPS, REFERENCE, attribution
+from tcurlora_seg.compare.constants import ADAPTER_LRS, GROUPS, REFERENCE, SCRATCH, attribution
 from tcurlora_seg.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]  # the repository: configs/ and the package for the runs
@@ -30,6 +30,25 @@ def comparison_overrides(methods: Sequence[str], seeds: Sequence[int], experimen
     # Hydra varies the first sweep override slowest: seed first runs every method once before any second seed, so
     # a sweep stopped part-way still compares every method
     return [f"+experiment={experiment}", f"seed={','.join(map(str, seeds))}", f"peft={','.join(methods)}"]
+
+
+def shots_overrides(shots: Sequence[int], experiment: str, extra: Sequence[str] = ()) -> dict[int, list[str]]:
+    """k -> the overrides that train on the first k cases of one fixed training list (``data.split.shots``); the
+    embedded demo first grows its pool to max(k) cases (``data.demo.train``), the same pool for every k, so that the
+    first k are the same cases in every run, and val / test do not change."""
+    cfg = run_config(experiment, extra)
+    pool = [f"data.demo.train={max(shots)}"] if cfg is not None and cfg.data.get("demo") else []
+    return {k: [f"data.split.shots={k}", *pool] for k in shots}
+
+
+def shots_sweeps(methods: Sequence[str], seeds: Sequence[int], experiment: str, by_k: dict[int, list[str]],
+                 lrs: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """One comparison per k, labelled by k (``runs/shots_KK``). ``lrs``: method -> its lr overrides (tuned), one
+    sweep per method and k then (``runs/shots_KK/<method>``)."""
+    if lrs is None:
+        return {f"runs/shots_{k:02d}": [*comparison_overrides(methods, seeds, experiment), *over] for k, over in by_k.items()}
+    return {f"runs/shots_{k:02d}/{m}": [f"+experiment={experiment}", f"seed={','.join(map(str, seeds))}", f"peft={m}",
+                                        *lrs.get(m, []), *over] for k, over in by_k.items() for m in methods}
 
 
 def ablation_overrides(ranks: Sequence[int], groups: Sequence[str], seeds: Sequence[int], experiment: str) -> list[str]:
@@ -169,7 +188,9 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     zero_shot = {_value(run, "seed") for name, num, run in earlier
                  if (folder(name, num, run) / "eval_pretrained" / "summary.json").is_file()}
     first_of_seed = set()
-    for name, num, run in queue:
+    # a run from scratch has no pretrained model to evaluate (nor pretrains the demo's source model): not it
+    transfer = lambda job: _value(job[2], "peft") != SCRATCH  # noqa: E731
+    for name, num, run in filter(transfer, queue):
         if _value(run, "seed") not in zero_shot:
             zero_shot.add(_value(run, "seed"))
             first_of_seed.add((name, num))
@@ -196,10 +217,11 @@ def run_parallel(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, 
     if not queue:
         return []
     print(f"{len(queue)} runs, {jobs} at a time, logs in {out / 'logs'}", flush=True)
-    run_one(queue[0], alone)  # alone: it may pretrain the demo's source model, which every later run loads
+    first = next(filter(transfer, queue), queue[0])
+    run_one(first, alone)  # alone: it may pretrain the demo's source model, which every later run loads
     with ThreadPoolExecutor(jobs) as pool:
         # on Ctrl-C, map cancels the queued runs; the running ones got the Ctrl-C too and save their checkpoints
-        list(pool.map(run_one, queue[1:]))
+        list(pool.map(run_one, [job for job in queue if job is not first]))
     return [name for name in sweeps if name in failed]
 
 
@@ -231,9 +253,11 @@ def launch(sweeps: dict[str, list[str]], extra: Sequence[str], out: Path, jobs: 
     return [name for name, overrides in sweeps.items() if run_sweep(overrides, extra, (out / name).resolve()) != 0]
 
 
-def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path) -> tuple[dict[str, list[str]], list[str], list[str]]:
+def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path
+                 ) -> tuple[dict[str, list[str]], list[str], list[str], dict[str, float]]:
     """Tune on validation, then the final sweeps: (the sweeps left to run, overrides that every later run of the
-    comparison's settings needs (the chosen decoder lr), the sweeps that failed on the way).
+    comparison's settings needs (the chosen decoder lr), the sweeps that failed on the way, the chosen adapter lr per
+    tuned method).
 
     1. with ``--lrs``: decoder-only at every decoder lr (``optim.lr``), tuning seeds; the best validation Dice picks
        the shared decoder lr;
@@ -272,6 +296,7 @@ def tuned_sweeps(args: argparse.Namespace, extra: Sequence[str], out: Path) -> t
                  for m in tuned}
         if REFERENCE in args.methods:
             final[f"runs/final/{REFERENCE}"] = [*base, seeds(rest), f"peft={REFERENCE}", *decoder]
+    methods = {m: chosen[m] for m in tuned}
     if "tcurlora" in chosen:  # the ablation runs at tCURLoRA's own lr
         decoder = [*decoder, f"optim.adapter_lr={chosen['tcurlora']:g}"]
-    return final, decoder, failed
+    return final, decoder, failed, methods

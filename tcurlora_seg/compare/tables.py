@@ -10,12 +10,14 @@ from pathlib import Path
 from tcurlora_seg.adapters.backbones import BACKBONES
 from tcurlora_seg.compare import stats
 from tcurlora_seg.compare.collect import (
-    _read_json, aggregate, case_values, pair_with_reference, pair_with_zero_shot, partners, select, sweep_rows, zero_shot_rows,
+    _read_json, aggregate, case_values, pair_with_reference, pair_with_zero_shot, partners, select, shots_key, sweep_rows,
+    zero_shot_rows,
 )
 from tcurlora_seg.compare.constants import (
-    COLUMNS, FIELDS, KEYS, METHODS, PAIRED, REFERENCE, SWEEPS, UNCERTAINTY, VS_ZERO_SHOT, ZERO_SHOT, attribution,
+    COLUMNS, FIELDS, KEYS, ORDER, PAIRED, REFERENCE, SWEEPS, UNCERTAINTY, VS_ZERO_SHOT, ZERO_SHOT, attribution,
 )
 from tcurlora_seg.compare.figures import plot_ablation, plot_comparison, plot_tuning
+from tcurlora_seg.compare.shots import several_shots, shots_report
 from tcurlora_seg.compare.tuning import tuning_markdown
 from tcurlora_seg.errors import UserError
 
@@ -32,7 +34,7 @@ def markdown(entries: Sequence[dict], keys: Sequence[str], columns: Sequence[tup
     headers = [*keys, *(c[0] for c in columns), "n seeds"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(keys) + "---:|" * (len(columns) + 1)]
     for entry in entries:
-        cells = [str(entry[k]) for k in keys] + [cell(entry[m], *fmt) if fmt else entry.get(m, "–") for _, m, *fmt in columns]
+        cells = ["–" if entry[k] is None else str(entry[k]) for k in keys] + [cell(entry[m], *fmt) if fmt else entry.get(m, "–") for _, m, *fmt in columns]
         lines.append("| " + " | ".join([*cells, str(entry["n"])]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -42,11 +44,14 @@ def uncertainty(entry: dict, reference: Sequence[dict]) -> None:
     its runs and of the runs they pair with (same seed, same case); "–" without per-case files or pairs. An interval
     that excludes 0 is in bold: the only differences the tables call real."""
     mine = case_values(entry["runs"])
+    shots = {shots_key(r) for r in entry["runs"]}
     for ci, p, method in UNCERTAINTY.values():
         entry[ci] = entry[p] = "–"
         if all(r["method"] == method for r in entry["runs"]):  # itself
             continue
-        result = stats.paired_difference(mine, case_values(partners(reference, method)))
+        # the partner runs of the same training cases (a shots sweep's k); zero-shot trained on none
+        theirs = [r for r in partners(reference, method) if method == ZERO_SHOT or shots_key(r) in shots]
+        result = stats.paired_difference(mine, case_values(theirs))
         if result is not None:
             interval = f"[{result.low:+.2f}, {result.high:+.2f}]"
             entry[ci] = f"**{interval}**" if result.real else interval
@@ -105,7 +110,10 @@ def report(out: Path) -> list[Path]:
         reference = collected["comparison"] if "comparison" in collected else ()
         pair_with_reference(rows, reference)  # the ablation pairs with the comparison's runs
         pair_with_zero_shot(rows, reference)
-        entries = aggregate([r for r in rows if r["selected"]], KEYS[stem])
+        keys = KEYS[stem]
+        if stem == "comparison" and several_shots(rows):  # a shots sweep: one entry per k and method
+            keys = ["shots", *keys]
+        entries = aggregate([r for r in rows if r["selected"]], keys)
         for entry in entries:
             uncertainty(entry, reference)
         if stem == "ablation":  # grouped by tensor setting, ranks ascending, whatever order the sub-sweeps ran in
@@ -114,9 +122,8 @@ def report(out: Path) -> list[Path]:
             settings = [setting for backbone in BACKBONES for setting in attribution(backbone).values()]
             order = [ZERO_SHOT, REFERENCE, *("+".join([m, *extra]) for m, extra in settings), "full"]
             entries.sort(key=lambda e: order.index(e["setting"]) if e["setting"] in order else len(order))
-        else:  # zero-shot, then the paper's order, also for runs collected from several sweeps (e.g. over machines)
-            entries.sort(key=lambda e: ([ZERO_SHOT, *METHODS].index(e["method"]) if e["method"] in [ZERO_SHOT, *METHODS]
-                                        else len(METHODS) + 1))
+        else:  # zero-shot and scratch, then the paper's order, also for runs collected from several sweeps
+            entries.sort(key=lambda e: (shots_key(e) or 0, ORDER.index(e["method"]) if e["method"] in ORDER else len(ORDER)))
         columns = COLUMNS[stem]
         if not any(row[PAIRED] is not None for row in rows):  # no decoder-only runs of the same seeds to pair with
             columns = [c for c in columns if c[1] not in (PAIRED, "above_reference", *UNCERTAINTY[PAIRED][:2])]
@@ -127,7 +134,7 @@ def report(out: Path) -> list[Path]:
                 columns = [c for c in columns if c[1] != key]
         if not any(row.get("hd95_cc1000") is not None for row in rows):  # evaluated before both definitions were
             columns = [c for c in columns if c[1] != "hd95_cc1000"]
-        table = markdown(entries, KEYS[stem], columns) + notes([r for r in rows if r["selected"]], columns) + "\n"
+        table = markdown(entries, keys, columns) + notes([r for r in rows if r["selected"]], columns) + "\n"
         write_csv(rows, out / f"{stem}.csv")
         (out / f"{stem}.md").write_text(table)
         plot = {"comparison": plot_comparison, "ablation": plot_ablation}.get(stem)
@@ -136,6 +143,8 @@ def report(out: Path) -> list[Path]:
         outputs = ("csv", "md", "png") if plot else ("csv", "md")
         print(f"\n{stem} ({len(rows)} runs, {out / stem}.{'/.'.join(outputs)})\n{table}", flush=True)
         written += [out / f"{stem}.{ext}" for ext in outputs]
+        if stem == "comparison" and several_shots(rows):
+            written += shots_report([r for r in rows if r["selected"]], out)
     if not written:
         raise UserError(f"no run folders under {out}/runs or {out}/ablation; pass the OUT folder that compare.py wrote")
     return written

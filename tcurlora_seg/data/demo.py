@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from tcurlora_seg.errors import UserError
 
-__all__ = ["DEMO_VERSION", "DEMO_SHAPE", "DEMO_TASKS", "build_demo", "demo_is_built"]
+__all__ = ["DEMO_VERSION", "DEMO_SHAPE", "DEMO_TASKS", "POOL_LIST", "build_demo", "build_pool", "demo_is_built",
+           "pool_ids", "with_pool"]
 
 # Bump whenever the generator changes: a cache with another version is rebuilt.
 DEMO_VERSION = 2
@@ -291,16 +292,22 @@ def _make_subject(rng: np.random.Generator, atlas: dict[str, np.ndarray], task: 
     return np.round(image).astype(np.int16), label.astype(np.uint8)
 
 
+def _write_subject(folder: Path, i: int, task: str, seed: int, atlas: dict[str, np.ndarray]) -> None:
+    """``folder/sub{i}``: subject i of ``task``, from its own generator (seed, task code, i)."""
+    sid = f"sub{i}"
+    image, label = _make_subject(np.random.default_rng([seed, DEMO_TASKS[task][0], i]), atlas, task)
+    (folder / sid).mkdir(parents=True)
+    for arr, suffix in ((image, "img"), (label, "mask")):
+        img = nib.Nifti1Image(arr, atlas["affine"])
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, folder / sid / f"{sid}_{suffix}.nii.gz")
+
+
 def _write_task(folder: Path, task: str, seed: int, atlas: dict[str, np.ndarray]) -> None:
     code, n_train, n_val, n_test = DEMO_TASKS[task]
     ids = [f"sub{i}" for i in range(1, n_train + n_val + n_test + 1)]
-    for i, sid in enumerate(ids, start=1):
-        image, label = _make_subject(np.random.default_rng([seed, code, i]), atlas, task)
-        (folder / sid).mkdir(parents=True)
-        for arr, suffix in ((image, "img"), (label, "mask")):
-            img = nib.Nifti1Image(arr, atlas["affine"])
-            img.header.set_xyzt_units("mm", "sec")
-            nib.save(img, folder / sid / f"{sid}_{suffix}.nii.gz")
+    for i in range(1, len(ids) + 1):
+        _write_subject(folder, i, task, seed, atlas)
     lists = {"train.txt": ids[:n_train], "valid.txt": ids[n_train : n_train + n_val], "test.txt": ids[n_train + n_val :]}
     for name, part in lists.items():
         (folder / name).write_text("".join(f"{sid}\n" for sid in part))
@@ -393,7 +400,71 @@ def _add_tasks(root: Path, tasks: list[str], seed: int, atlas: dict[str, np.ndar
             if (root / task).exists():  # a leftover that the manifest does not list
                 shutil.rmtree(root / task)
             (tmp / task).rename(root / task)
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(seed, kept | set(tasks)), indent=2) + "\n")
+        manifest = _manifest(seed, kept | set(tasks))
+        recorded = (_read_manifest(root) or {}).get("tasks", {})
+        manifest["tasks"].update({task: recorded[task] for task in kept if task in recorded})  # their pools too
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / MANIFEST).replace(root / MANIFEST)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the training pool of a shots sweep -------------------------------------------------------------------------------
+# POOL_LIST in a task folder lists its training pool: the task's own training cases first, then extra ones numbered
+# after its test cases (sub{train+val+test+1}, ...), so that growing the pool adds subjects and changes none: the
+# validation and test cases, train.txt (what a run without data.demo.train trains on) and the source model cached
+# beside them stay as they were, and the first k of the list are the same whatever the pool size.
+POOL_LIST = "train_pool.txt"
+
+
+def pool_ids(task: str, n: int) -> list[str]:
+    """The first ``n`` training cases of ``task``'s pool."""
+    _, n_train, n_val, n_test = DEMO_TASKS[task]
+    extra = range(n_train + n_val + n_test + 1, n_train + n_val + n_test + 1 + max(0, n - n_train))
+    return [f"sub{i}" for i in range(1, min(n, n_train) + 1)] + [f"sub{i}" for i in extra]
+
+
+def build_pool(root: str | Path, task: str, n: int, seed: int = 0) -> Path:
+    """Build ``task`` (``build_demo``) with a training pool of at least ``n`` cases; returns the pool's list file.
+
+    Only the subjects the pool lacks are generated, each into a temporary folder first; the list file and then the
+    manifest (which records the pool size) are replaced last, so an interrupted growth never looks complete.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"data.demo.train={n!r}: give the number of training cases the demo pool holds (an int >= 1)")
+    root = Path(root)
+    build_demo(root, seed=seed, tasks=[task])
+    manifest = _read_manifest(root)
+    entry = manifest["tasks"][task]
+    have = int(entry.get("pool", entry["train"]))
+    folder, want = root / task, max(n, have)
+    if want > have or not (folder / POOL_LIST).is_file():
+        atlas = atlas_maps() if want > have else None
+        tmp = Path(tempfile.mkdtemp(prefix=".pool-", dir=folder))
+        try:
+            for sid in pool_ids(task, want)[have:]:
+                _write_subject(tmp, int(sid[3:]), task, seed, atlas)
+                if (folder / sid).exists():  # a leftover of an interrupted growth that the manifest does not list
+                    shutil.rmtree(folder / sid)
+                (tmp / sid).rename(folder / sid)
+            (tmp / POOL_LIST).write_text("".join(f"{sid}\n" for sid in pool_ids(task, want)))
+            (tmp / POOL_LIST).replace(folder / POOL_LIST)
+            entry["pool"] = want
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / MANIFEST).replace(root / MANIFEST)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder / POOL_LIST
+
+
+def with_pool(cfg_data: dict) -> dict:
+    """``cfg_data`` (a resolved ``data`` section) training on the demo's pool when ``data.demo.train`` asks for one:
+    the pool is built first and ``split.files.train`` names its list (the first ``data.split.shots`` of it train).
+    Unchanged for other data."""
+    demo = cfg_data.get("demo") or {}
+    if demo.get("train") is None:
+        return cfg_data
+    root = Path(str(cfg_data["root"]))
+    build_pool(root.parent, demo.get("task", root.name), demo["train"], seed=int(demo.get("seed", 0)))
+    split = cfg_data.get("split") or {}
+    return {**cfg_data, "split": {**split, "files": {**(split.get("files") or {}), "train": POOL_LIST}}}

@@ -15,7 +15,7 @@ import numpy as np
 
 from tcurlora_seg.errors import UserError
 
-__all__ = ["SPLITS", "read_id_list", "seeded_split", "read_split_file", "write_split"]
+__all__ = ["SPLITS", "read_id_list", "seeded_split", "read_split_file", "write_split", "take_shots"]
 
 SPLITS = ("train", "val", "test")
 
@@ -88,3 +88,20 @@ def write_split(cases: Mapping[str, Sequence[Mapping[str, Any]]], run_dir: str |
     payload = {s: [dict(c) for c in cases.get(s, [])] for s in SPLITS}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def take_shots(cases: Mapping[str, Sequence[Any]], split_cfg: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The first ``split.shots`` training cases of ``cases`` (null: all); validation and test as they are.
+
+    The training list's own order decides: a list file's, or the seeded shuffle of ``seeded_split``, so k cases are
+    a fixed seeded subset of k + 1 and every k of a shots sweep is scored on the same validation and test cases.
+    """
+    shots = split_cfg.get("shots")
+    if shots is None:
+        return {s: list(cases.get(s, [])) for s in SPLITS}
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise UserError(f"data.split.shots={shots!r}: give the number of training cases to keep (an int >= 1) or null for all")
+    if shots > len(cases["train"]):
+        raise UserError(f"data.split.shots={shots}: the split has only {len(cases['train'])} training cases; lower it "
+                        "(the demo: raise its pool, data.demo.train={shots})".replace("{shots}", str(shots)))
+    return {**{s: list(cases.get(s, [])) for s in SPLITS}, "train": list(cases["train"][:shots])}

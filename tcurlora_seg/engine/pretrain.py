@@ -52,9 +52,11 @@ def ensure_pretrained(cfg: DictConfig) -> None:
     which is built first (a cache of another generator version is rebuilt, the old model with it), and a cached file
     pretrained for another architecture than this run's is pretrained again, for this run's architecture.
     """
+    from tcurlora_seg.engine.run import is_scratch
+
     path = cfg.model.get("pretrained")
     experiment = cfg.get("pretrain_experiment")
-    if not path:
+    if not path or is_scratch(cfg):  # training from scratch needs no source model: none is pretrained for it
         return
     if experiment and cfg.data.get("demo"):
         from tcurlora_seg.data.demo import build_demo

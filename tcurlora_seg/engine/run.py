@@ -38,6 +38,9 @@ from tcurlora_seg.models import LoadReport, build_network, load_checkpoint, load
 __all__ = [
     "FORMAT",
     "ADAPTER_DIR",
+    "SCRATCH",
+    "is_scratch",
+    "scratch_config",
     "base_model_config",
     "resolve_device",
     "build_model",
@@ -55,6 +58,9 @@ __all__ = [
 FORMAT = "tcurlora_seg/1"
 CONFIG = "config.yaml"
 ADAPTER_DIR = "adapter"
+# peft=scratch: the backbone trained from its seeded random init, whatever model.pretrained says (issue 29's
+# reference: is transfer worth it?). The run saves model.pretrained=null, so every rebuild of it skips the file.
+SCRATCH = "scratch"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,6 +84,21 @@ def _peft_options(cfg: DictConfig, report: LoadReport | None) -> tuple[str, dict
     return name, options
 
 
+def is_scratch(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` trains from scratch (``peft=scratch``): no pretrained weights, no source model, no zero-shot."""
+    return OmegaConf.select(cfg, "peft.name") == SCRATCH
+
+
+def scratch_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``model.pretrained`` null when it trains from scratch (in place; returned for chaining): the run
+    folder's config.yaml then says so, and the demo's source model is neither pretrained nor loaded for it."""
+    if is_scratch(cfg) and cfg.model.get("pretrained"):
+        logging.getLogger("tcurlora_seg").info(f"peft={SCRATCH}: model.pretrained={cfg.model.pretrained} ignored "
+                                               "(training from the seeded random init)")
+        cfg.model.pretrained = None
+    return cfg
+
+
 def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.Module, LoadReport | None]:
     """The network of ``cfg.model`` (UNETR or Swin UNETR), its pretrained weights and ``cfg.peft``'s adapter (on CPU).
 
@@ -87,7 +108,7 @@ def build_model(cfg: DictConfig, *, pretrained: bool = True) -> tuple[torch.nn.M
     torch.manual_seed(int(cfg.seed))
     model = build_network(cfg.model, img_size=OmegaConf.select(cfg, "data.roi_size"))  # errors name data.roi_size
     report = None
-    if pretrained and cfg.model.get("pretrained"):
+    if pretrained and cfg.model.get("pretrained") and not is_scratch(cfg):
         channels = OmegaConf.to_container(cfg.model, resolve=True).get("pretrained_channels")
         report = load_pretrained(model, cfg.model.pretrained, channels=channels)
     name, options = _peft_options(cfg, report)

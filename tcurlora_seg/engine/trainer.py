@@ -28,12 +28,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tcurlora_seg.adapters import count_trainable, load_adapter_state_dict, trainable_groups
 from tcurlora_seg.data.check import run_check
 from tcurlora_seg.data.datasets import build_dataset, build_loader
+from tcurlora_seg.data.demo import with_pool
 from tcurlora_seg.data.layouts import load_cases
+from tcurlora_seg.data.splits import take_shots
 from tcurlora_seg.engine import distributed
 from tcurlora_seg.engine.distributed import Dist
 from tcurlora_seg.engine.handlers import (CaseMetrics, FiniteLoss, GlobalLoss, RunCheckpoints, TensorBoardValidation,
                                           TrainStats, first_loss)
-from tcurlora_seg.engine.run import build_model, resolve_device, save_run_config
+from tcurlora_seg.engine.run import build_model, is_scratch, resolve_device, save_run_config
 from tcurlora_seg.errors import UserError
 
 __all__ = ["Autocast", "with_precision", "build_loaders", "build_evaluator", "build_trainer", "fit"]
@@ -59,7 +61,8 @@ def _samplers(cfg: DictConfig, ctx: Dist, train: Any, val: Any | None) -> tuple[
 def build_loaders(cfg: DictConfig, run_dir: Path, ctx: Dist = Dist()) -> tuple[Any, Any | None]:
     """Check every case (exit code 2 on problems, split.json into the run folder), then the train / val loaders."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    cases = load_cases(data)
+    data = distributed.on_main(ctx, lambda: with_pool(data))  # data.demo.train: the demo's pool, built once
+    cases = take_shots(load_cases(data), data.get("split") or {})  # data.split.shots: its first k train
     if distributed.on_main(ctx, lambda: run_check(data, cases, run_dir)) != 0:  # one report, from rank 0
         raise SystemExit(2)
     if not cases["train"]:
@@ -247,7 +250,8 @@ def fit(cfg: DictConfig, run_dir: Path, resume: dict | None = None, ctx: Dist = 
             TensorBoardValidation(writer, metrics, trainer, optimizer, bool(cfg.trainer.log_images)).attach(evaluator)
     if cfg.trainer.progress and main:
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": first_loss(out)})
-    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained") and main:
+    # (from scratch there is no pretrained model: its random init is no zero-shot level)
+    if resume is None and cfg.trainer.evaluate_pretrained and cfg.model.get("pretrained") and not is_scratch(cfg) and main:
         checkpoints.save_pretrained()
     if resume is not None:
         checkpoints.restore(trainer, resume)
