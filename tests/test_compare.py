@@ -597,3 +597,15 @@ def test_parallel_first_run_gets_every_core_then_the_runs_share_them(tmp_path, m
     threads.clear()
     sweeping.run_parallel(sweeps, [], tmp_path, jobs=4)
     assert threads == ["3"] * 4
+
+
+def test_rows_that_train_no_decoder_stay_selected_when_the_decoder_lr_is_chosen():
+    """--lrs chooses decoder-only's lr on validation; zero_shot and nnunet rows have no decoder lr and must stay in
+    the tables (they were dropped as 'not at the chosen lr')."""
+    rows = [{"method": "decoder_only", "seed": "0", "lr": lr, "adapter_lr": "", "val_dice": val}
+            for lr, val in (("0.001", "60.0"), ("0.01", "70.0"))]
+    rows += [{"method": m, "seed": "0", "lr": "", "adapter_lr": "", "val_dice": ""} for m in ("zero_shot", "nnunet")]
+    chosen = collect.select(rows, lr_grid=[1e-3, 1e-2])
+    assert chosen["lr"] == 1e-2
+    assert {(r["method"], r["lr"]) for r in rows if r["selected"]} == {("decoder_only", "0.01"), ("zero_shot", ""),
+                                                                      ("nnunet", "")}

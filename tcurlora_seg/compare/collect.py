@@ -241,7 +241,8 @@ def select(rows: Sequence[dict], adapter_grid: Sequence[float] = (), lr_grid: Se
     if lr is not None:
         chosen["lr"] = lr
     for row in rows:
-        row["selected"] = lr is None or _float(row["lr"]) == lr
+        # rows without a decoder lr (zero_shot, nnunet) train no decoder: the choice does not apply to them
+        row["selected"] = lr is None or _float(row["lr"]) is None or _float(row["lr"]) == lr
     for method in dict.fromkeys(r["method"] for r in rows):
         members = [r for r in rows if r["method"] == method and r["selected"]]
         best = None if method == REFERENCE else choose(members, "adapter_lr", adapter_grid)
