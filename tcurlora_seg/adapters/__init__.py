@@ -9,8 +9,8 @@ Named ``adapters`` so as not to be confused with HF ``peft`` (which the LoRA-fam
     save_adapter(model, "run/adapter") / load_adapter(fresh_pretrained_model, "run/adapter")   # JSON + safetensors
 
 Methods (``peft=NAME``; defaults and trainable-count formulas in each module's docstring):
-``full``, ``decoder_only``, ``scratch`` (full.py; scratch trains like full, from a base that
-``engine.run.build_model`` leaves unloaded); ``lora``, ``dora``, ``pissa`` (lora.py), ``loha``, ``lokr`` (HF peft);
+``full``, ``decoder_only`` (full.py; ``peft=scratch`` is ``full`` on a base that ``engine.run.build_model`` leaves
+unloaded); ``lora``, ``dora``, ``pissa`` (lora.py), ``loha``, ``lokr`` (HF peft);
 ``curlora`` (matrix CUR), ``lora_pt`` (principal t-SVD), ``tcurlora`` (tensor CUR, the paper's method).
 """
 
@@ -60,7 +60,6 @@ __all__ = [
 # name -> function(model, **options) that adapts the model in place and returns its resolved options (plain types)
 ADAPTERS: dict[str, Callable[..., dict]] = {
     "full": apply_full,
-    "scratch": apply_full,  # every parameter trains; the run leaves model.pretrained unloaded (engine.run.SCRATCH)
     "decoder_only": apply_decoder_only,
     "lora": apply_lora,
     "dora": apply_dora,

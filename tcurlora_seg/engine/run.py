@@ -79,6 +79,8 @@ def resolve_device(name: str) -> torch.device:
 def _peft_options(cfg: DictConfig, report: LoadReport | None) -> tuple[str, dict[str, Any]]:
     options = OmegaConf.to_container(cfg.peft, resolve=True)
     name = options.pop("name")
+    if name == SCRATCH:  # not an adapter: full training of a base that was not loaded
+        name = "full"
     if options.get("train_out") == "auto":  # the head must learn when it is new (no source model, other class count)
         options["train_out"] = report is None or report.out_reinitialised
     return name, options
