@@ -90,7 +90,7 @@ def test_scaled_runs_shrink_each_recipes_own_roi() -> None:
 
 @pytest.mark.slow
 def test_every_recipe_runs_end_to_end_with_the_tiny_model(tmp_path: Path) -> None:
-    """About 8 minutes on 2 busy cores: 6 recipes x 4 entry-point processes on grids shrunk 4x."""
+    """4-8 minutes on 2 cores: 6 recipes x 4 entry-point processes on grids shrunk 4x."""
     args = recipes.parse_args(["--model", "unetr_tiny", "--scale", "0.25", "--cases", "3", "--out", str(tmp_path / "out")])
     report = recipes.run_all(args, tmp_path / "out")
     steps = {(r["recipe"], r["step"]): r for r in report["steps"]}
