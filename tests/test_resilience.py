@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from tcurlora_seg.errors import UserError
+from tcurlora_seg import atomic as atomic_module
 from tcurlora_seg.models import checkpoint as checkpoint_module
 from tcurlora_seg.models.checkpoint import save_checkpoint
 from tests.test_train import REPO, tiny_run, train
@@ -204,6 +205,6 @@ def test_unwritable_checkpoint_folder_is_a_user_error(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic_module.tempfile, "mkstemp", refuse)  # atomic_write makes every temporary file
     with pytest.raises(UserError, match=f"{tmp_path / 'best.pt'}: cannot write it .*not writable.*nothing was written"):
         save_checkpoint(tmp_path / "best.pt", {"epoch": 1})
