@@ -188,7 +188,7 @@ def _read_bundle(root: Path) -> tuple[dict[str, torch.Tensor], LoadReport]:
 def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """The tensors of a checkpoint file, adapter folder or MONAI Bundle (wrappers and prefixes removed) and a report
     naming its format and stored config (a Bundle's: ``{"model": network_def's arguments, "bundle_network": class}``)."""
-    from tcurlora_seg.adapters.files import is_adapter_folder
+    from tcurlora_seg.adapters.files import ADAPTER_CONFIG, is_adapter_folder
 
     path = os.fspath(path)
     if is_adapter_folder(path):
@@ -196,7 +196,7 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoadRe
     if is_bundle(path):
         return _read_bundle(Path(path))
     if Path(path).is_dir():
-        raise UserError(f"model.pretrained={path}: a folder that is neither an adapter folder ({'adapter_config.json'}) "
+        raise UserError(f"model.pretrained={path}: a folder that is neither an adapter folder ({ADAPTER_CONFIG}) "
                         "nor a MONAI Bundle (configs/inference.json + models/model.pt); point at a checkpoint file or one "
                         "of those")
     state, source_format, config = _unwrap(load_checkpoint(path), path)
@@ -338,7 +338,7 @@ def adapt_input_channels(state: dict[str, torch.Tensor], keys: Sequence[str], c_
             state[key] = weight[:, mapping].contiguous()
     how = ("the mean of the source filters x " f"{c_src}/{c_tgt}" if mapping == "mean"
            else ", ".join(f"model channel {j} <- source channel {c}" for j, c in enumerate(mapping)))
-    return (f"Input channels {c_src} -> {c_tgt} (model.pretrained_channels={mapping if mapping != 'mean' else 'mean'}: "
+    return (f"Input channels {c_src} -> {c_tgt} (model.pretrained_channels={mapping}: "
             f"{how}) in {', '.join(present)}.")
 
 
