@@ -19,6 +19,8 @@ validation Dice (ties: the grid's first); then each method runs at its own lr on
 (``OUT/runs/final/<method>``). The test split never takes part in a choice. ``comparison.csv`` has every run with
 its ``lr``, ``adapter_lr``, ``val_dice`` and ``selected``; the tables and plots hold the selected runs only and name
 the lr; ``tuning.png`` plots validation Dice vs lr. The ablation and the attribution sweep run at the chosen lrs.
+``--method-lrs full=1e-3 tcurlora=1e-2`` runs those methods at fixed adapter lrs instead (the ones an earlier
+tuned comparison chose, say: ``comparison.csv``'s selected rows), without tuning; the others at their defaults.
 Every table has a ``zero_shot`` row (the pretrained model on the same test cases, from the runs' eval_pretrained/)
 and each method's Δ Dice vs zero-shot, paired by seed. The attribution sweep (``OUT/attribution``, skipped with
 ``--no-attribution`` or ``--no-ablation``) trains one frozen part fully on top of decoder-only (the skip encoders
@@ -86,13 +88,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a clone
 
-from tcurlora_seg.compare.constants import GROUPS, METHODS, RANKS  # noqa: E402
+from tcurlora_seg.compare.constants import GROUPS, METHODS, RANKS, REFERENCE  # noqa: E402
 from tcurlora_seg.compare.sweeps import (  # noqa: E402
     ablation_sweeps, attribution_sweeps, comparison_overrides, comparison_setting, has_validation, launch, shots_overrides,
     shots_sweeps, tuned_sweeps,
 )
 from tcurlora_seg.compare.tables import report  # noqa: E402
 from tcurlora_seg.errors import UserError  # noqa: E402
+
+
+def method_lr(text: str) -> tuple[str, float]:
+    """``METHOD=LR`` of --method-lrs."""
+    method, _, lr = text.partition("=")
+    try:
+        return method, float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give METHOD=LR, e.g. tcurlora=1e-2") from None
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -127,6 +138,10 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="first choose the shared decoder lr (optim.lr) among these with decoder-only on validation")
     parser.add_argument("--tune-seeds", nargs="+", type=int, metavar="SEED",
                         help="seeds to tune on (default: all of --seeds); the final numbers use every seed")
+    parser.add_argument("--method-lrs", nargs="+", type=method_lr, metavar="METHOD=LR",
+                        help="run these methods at fixed adapter lrs (optim.adapter_lr), e.g. the ones an earlier "
+                             "--adapter-lrs run chose on validation: full=1e-3 tcurlora=1e-2; the others at their "
+                             "defaults; not with --adapter-lrs / --lrs")
     parser.add_argument("--shots", nargs="+", type=int, metavar="K",
                         help="shots sweep (issue 29): every method trained on the first K training cases of one fixed "
                              "seeded list, for each K (the same validation and test cases); OUT/runs/shots_KK, a "
@@ -139,6 +154,11 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(argv), extra
 
 
+
+
+def fixed_lrs(methods: Sequence[str], fixed: dict[str, float]) -> dict[str, list[str]] | None:
+    """method -> its lr override (none: the method's default), or None without --method-lrs (one shared sweep)."""
+    return {m: [f"optim.adapter_lr={fixed[m]:g}"] if m in fixed else [] for m in methods} if fixed else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +177,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("note: --shots runs no ablation (it ablates the default comparison)", file=sys.stderr)
         args.ablation = False
     tuning = args.adapter_lrs is not None or args.lrs is not None
+    fixed = dict(args.method_lrs or [])
+    if fixed and not args.collect_only:
+        problem = None
+        if tuning:
+            problem = "--method-lrs fixes the lrs that --adapter-lrs / --lrs would tune: give one or the other"
+        elif not set(fixed) <= set(args.methods):
+            problem = f"--method-lrs {' '.join(sorted(set(fixed) - set(args.methods)))}: not among --methods {' '.join(args.methods)}"
+        elif REFERENCE in fixed:
+            problem = (f"--method-lrs {REFERENCE}: it trains no adapter (only the decoder, at optim.lr); set that after "
+                       f"--, e.g. -- optim.lr=1e-3")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if tuning and not args.collect_only:
         problem = None
         if not args.comparison:
@@ -188,7 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif tuning:
                 sweeps, shared_overrides, failed, _ = tuned_sweeps(args, extra, out)
             elif args.shots:
-                sweeps = shots_sweeps(args.methods, args.seeds, args.experiment, by_k)
+                sweeps = shots_sweeps(args.methods, args.seeds, args.experiment, by_k, fixed_lrs(args.methods, fixed))
+            elif fixed:  # one sweep per method, each at its own lr
+                sweeps = {f"runs/{m}": [f"+experiment={args.experiment}", f"seed={','.join(map(str, args.seeds))}",
+                                        f"peft={m}", *lrs] for m, lrs in fixed_lrs(args.methods, fixed).items()}
+                if "tcurlora" in fixed:  # the ablation runs at tCURLoRA's own lr, as after tuning
+                    shared_overrides = [f"optim.adapter_lr={fixed['tcurlora']:g}"]
             elif args.comparison:
                 sweeps = {"runs": comparison_overrides(args.methods, args.seeds, args.experiment)}
             if args.ablation:

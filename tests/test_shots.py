@@ -57,11 +57,15 @@ def test_shots_sweep_labels_runs_by_k_and_writes_the_table_and_figure(tmp_path):
     source = tmp_path / "source.pt"
     torch.save({"model": make_tiny_unetr(seed=7).state_dict(), "config": {"seed": 7}}, source)
     out = tmp_path / "out"
+    # scratch at a fixed lr (--method-lrs), decoder-only at its default
     result = run_compare(tmp_path, "--methods", "decoder_only", "scratch", "--seeds", "0", "--shots", "1", "3",
-                         "--jobs", "2", "--out", str(out), "--", *tiny_overrides(root), f"model.pretrained={source}")
+                         "--method-lrs", "scratch=0.005", "--jobs", "2", "--out", str(out), "--",
+                         *tiny_overrides(root), f"model.pretrained={source}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = read_csv(out / "comparison.csv")
     assert list(rows[0]) == constants.FIELDS
+    assert {(r["method"], r["adapter_lr"]) for r in rows if r["method"] != "zero_shot"} == {
+        ("scratch", "0.005"), ("decoder_only", "")}
     assert sorted((r["method"], r["shots"]) for r in rows) == [
         ("decoder_only", "1"), ("decoder_only", "3"), ("scratch", "1"), ("scratch", "3"), ("zero_shot", "")]
     for row in rows[1:]:  # labelled by k in the folder too; the same val and test cases at every k
@@ -79,3 +83,15 @@ def test_shots_sweep_labels_runs_by_k_and_writes_the_table_and_figure(tmp_path):
     # the comparison table has one row per k and method
     table = (out / "comparison.md").read_text().splitlines()
     assert table[0].startswith("| shots | method |")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method-lrs", "decoder_only=1e-3"], "--method-lrs decoder_only: it trains no adapter"),
+    (["--methods", "full", "--method-lrs", "lora=1e-3"], "--method-lrs lora: not among --methods full"),
+    (["--method-lrs", "full=1e-3", "--adapter-lrs"], "give one or the other"),
+    (["--method-lrs", "full:1e-3"], "'full:1e-3': give METHOD=LR"),
+])
+def test_fixed_method_lrs_refuse_what_they_cannot_mean(tmp_path, args, message):
+    result = run_compare(tmp_path, *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "runs").exists()  # refused before any run
