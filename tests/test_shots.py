@@ -95,3 +95,27 @@ def test_fixed_method_lrs_refuse_what_they_cannot_mean(tmp_path, args, message):
     result = run_compare(tmp_path, *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out" / "runs").exists()  # refused before any run
+
+
+def _cell(values: dict[tuple[str, str], float]) -> dict:
+    dice = [sum(v for (s, _), v in values.items() if s == seed) / 5 for seed in ("0", "1")]
+    return {"dice": (sum(dice) / 2, 0.0), "n": 2, "cases": values}
+
+
+def test_the_winner_at_each_k_is_real_only_when_its_lead_over_the_runner_up_excludes_zero():
+    from tcurlora_seg.compare.shots import winner_lines, winners
+
+    cases = [(seed, f"c{i}") for seed in ("0", "1") for i in range(5)]
+    base = {key: 40.0 + 5 * i for i, key in enumerate(cases)}
+    steady = {key: v + 3.0 for key, v in base.items()}  # +3 on every case: a real lead
+    mixed = {key: v + (2.0 if i % 2 else -1.5) for i, (key, v) in enumerate(base.items())}  # changes sign: noise
+    table = {"zero_shot": {1: _cell({k: 10.0 for k in cases}), 5: _cell({k: 10.0 for k in cases})},
+             "scratch": {1: _cell(base), 5: _cell(base)},
+             "full": {1: _cell(steady), 5: _cell(mixed)},
+             "tcurlora": {5: _cell(base)}}
+    result = winners([1, 5], table)
+    assert (result[1][0], result[1][1]) == ("full", "scratch") and result[1][2].real
+    assert result[5][0] == "full" and result[5][1] in ("scratch", "tcurlora") and not result[5][2].real
+    lines = winner_lines([1, 5], table)
+    assert lines[0].startswith("- k = 1: **full**") and "a real lead" in lines[0]
+    assert lines[1].startswith("- k = 5: **full**") and "not distinguishable" in lines[1]

@@ -17,7 +17,7 @@ from tcurlora_seg.compare import stats
 from tcurlora_seg.compare.collect import case_values, mean_std, shots_key
 from tcurlora_seg.compare.constants import ORDER, SCRATCH, ZERO_SHOT
 
-__all__ = ["several_shots", "shots_entries", "crossings", "shots_markdown", "plot_shots", "shots_report"]
+__all__ = ["several_shots", "shots_entries", "crossings", "winners", "shots_markdown", "plot_shots", "shots_report"]
 
 
 def several_shots(rows: Sequence[dict]) -> bool:
@@ -31,7 +31,7 @@ def _order(method: str) -> int:
 
 def shots_entries(rows: Sequence[dict]) -> tuple[list[int], dict[str, dict[int, dict]]]:
     """(the ks ascending, {method: {k: {"dice": (mean, std) over seeds, "n": seeds, "vs_scratch": PairedDifference
-    or None}}}); zero-shot (trained on nothing) is the same level at every k, paired with scratch at each k."""
+    or None, "cases": {(seed, case): Dice}}}}); zero-shot (trained on nothing) is the same level at every k, paired with scratch at each k."""
     ks = sorted({shots_key(r) for r in rows if r["method"] != ZERO_SHOT} - {None})
     methods = sorted({r["method"] for r in rows}, key=_order)
     scratch = {k: case_values([r for r in rows if r["method"] == SCRATCH and shots_key(r) == k]) for k in ks}
@@ -40,9 +40,11 @@ def shots_entries(rows: Sequence[dict]) -> tuple[list[int], dict[str, dict[int, 
         for k in ks:
             mine = [r for r in rows if r["method"] == method and (method == ZERO_SHOT or shots_key(r) == k)]
             dice = [float(r["dice"]) for r in mine if r.get("dice") not in (None, "")]
-            paired = None if method == SCRATCH or not scratch[k] else stats.paired_difference(case_values(mine), scratch[k])
+            cases = case_values(mine)
+            paired = None if method == SCRATCH or not scratch[k] else stats.paired_difference(cases, scratch[k])
             if dice:
-                table.setdefault(method, {})[k] = {"dice": mean_std(dice), "n": len(dice), "vs_scratch": paired}
+                table.setdefault(method, {})[k] = {"dice": mean_std(dice), "n": len(dice), "vs_scratch": paired,
+                                                   "cases": cases}
     return ks, table
 
 
@@ -50,6 +52,34 @@ def crossings(table: dict[str, dict[int, dict]]) -> dict[str, list[int]]:
     """Per method other than scratch: the ks at which its mean Dice beats scratch's with a CI that excludes 0."""
     return {method: [k for k, cell in by_k.items() if cell["vs_scratch"] is not None and cell["vs_scratch"].low > 0]
             for method, by_k in table.items() if method != SCRATCH}
+
+
+def winners(ks: Sequence[int], table: dict[str, dict[int, dict]]) -> dict[int, tuple[str, str | None, object]]:
+    """Per k: (the method with the highest mean test Dice, zero-shot included, the runner-up, the leader's paired Δ
+    over the runner-up or None): whether the best method at k is ahead of the next one beyond the noise."""
+    result = {}
+    for k in ks:
+        ranked = sorted((m for m, by_k in table.items() if k in by_k), key=lambda m: -table[m][k]["dice"][0])
+        if not ranked:
+            continue
+        second = ranked[1] if len(ranked) > 1 else None
+        paired = stats.paired_difference(table[ranked[0]][k]["cases"], table[second][k]["cases"]) if second else None
+        result[k] = (ranked[0], second, paired)
+    return result
+
+
+def winner_lines(ks: Sequence[int], table: dict[str, dict[int, dict]]) -> list[str]:
+    """The winners as sentences: a lead is real only when its CI excludes 0."""
+    lines = []
+    for k, (best, second, paired) in winners(ks, table).items():
+        text = f"- k = {k}: **{best}** ({table[best][k]['dice'][0]:.2f} %)"
+        if second is not None:
+            lead = "no paired cases" if paired is None else (
+                f"Δ {paired.mean:+.2f} [{paired.low:+.2f}, {paired.high:+.2f}], "
+                + ("a real lead" if paired.real else "not distinguishable"))
+            text += f", ahead of {second} ({table[second][k]['dice'][0]:.2f} %): {lead}"
+        lines.append(text)
+    return lines
 
 
 def _dice_cell(cell: dict | None) -> str:
@@ -93,6 +123,10 @@ def shots_markdown(ks: Sequence[int], table: dict[str, dict[int, dict]]) -> str:
             lines.append(f"- {method}: never beats scratch with a CI that excludes 0 (k = {', '.join(map(str, ks))})")
     lines.append("\nA method beats scratch at k when its mean test Dice is above scratch's and the 95 % CI of the "
                  "paired Δ excludes 0; the smallest such k is its crossing point.")
+    lines += ["", "## Which method wins at each k", "",
+              *winner_lines(ks, table), "",
+              "The highest mean test Dice at each k (zero-shot included: the source model used as it is) and its paired "
+              "Δ over the runner-up with the same 95 % CI; a lead is real only when the interval excludes 0."]
     return "\n".join(lines) + "\n"
 
 
