@@ -6,6 +6,8 @@ scored by our metrics on its test cases, one ``nnunet`` row per seed in comparis
     python scripts/nnunet_reference.py --run-dir outputs/demo/tcurlora/2025-01-01_12-00-00       # that run's split
     python scripts/nnunet_reference.py --budget gpu --experiment eadc -- data.root=PATH          # nnU-Net's defaults
     python scripts/nnunet_reference.py --epochs 20 --iterations 25         # another CPU budget
+    python scripts/nnunet_reference.py --seeds 0 1 2 --out outputs/shots/demo -- data.split.shots=5 data.demo.train=20
+                                                                           # k = 5 of compare.py --shots ... 20
 
 Needs nnU-Net v2 in the interpreter that runs this (an optional extra, kept out of ``make``):
 ``pip install torch==2.13.0 -e '.[nnunet]'`` (name the torch you have, or pip may swap it for another build).
@@ -13,6 +15,7 @@ Needs nnU-Net v2 in the interpreter that runs this (an optional extra, kept out 
 The cases: ``--experiment E`` (with Hydra overrides after ``--``, as compare.py's) composes the config that
 ``python -m tcurlora_seg.train +experiment=E seed=S`` runs with; ``--run-dir RUN`` (one or more) takes a run's
 config.yaml and exactly its split.json (and its seed). Each seed becomes a run folder ``OUT/runs/nnunet/seed_<S>/``
+(in a shots sweep, ``-- data.split.shots=K`` or ``--shots K``: ``OUT/runs/shots_KK/nnunet/seed_<S>/``)
 (see ``tcurlora_seg/compare/nnunet.py`` for its files), which ``compare.py --collect-only OUT`` reads like the
 runs of the methods; at the end the tables of OUT are written again (comparison.csv / .md / .png). A seed that
 finished earlier with the same settings is kept (``--force`` trains it again).
@@ -34,7 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a clone
 
-from tcurlora_seg.compare.nnunet import BUDGETS, METHOD, budget_for, experiment_config, reference_run, run_folder_config  # noqa: E402
+from tcurlora_seg.compare.nnunet import (  # noqa: E402
+    BUDGETS, budget_for, experiment_config, reference_folder, reference_run, run_folder_config,
+)
 from tcurlora_seg.errors import UserError  # noqa: E402
 
 
@@ -75,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             jobs = [(experiment_config(args.experiment, seed, extra), f"experiment {args.experiment} {' '.join(extra)}".strip())
                     for seed in args.seeds]
         for cfg, source in jobs:
-            reference_run(cfg, out / "runs" / METHOD / f"seed_{cfg.seed}", budget, source=source, shots=args.shots,
+            reference_run(cfg, reference_folder(out, cfg, args.shots), budget, source=source, shots=args.shots,
                           processes=args.processes, force=args.force)
         from tcurlora_seg.compare.tables import report
 
@@ -84,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"stopped by Ctrl-C; the seeds that finished are in {out}/runs/{METHOD}", file=sys.stderr)
+        print(f"stopped by Ctrl-C; the seeds that finished are in {out}/runs", file=sys.stderr)
         return 130
     return 0
 

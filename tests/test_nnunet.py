@@ -286,3 +286,13 @@ def test_nnunet_trains_on_the_training_cases_and_predicts_the_test_cases(tmp_pat
     assert stats["train_s"] > 0 and stats["timed_steps"] == 1 and stats["trainable"] > 0
     row = collect_run(run_dir)
     assert row["method"] == "nnunet" and 0 <= row["dice"] <= 100
+
+
+def test_a_shots_sweep_puts_each_k_of_a_seed_in_its_own_folder(tmp_path):
+    from tcurlora_seg.compare.nnunet import experiment_config, reference_folder
+
+    plain = experiment_config("demo", 1)
+    assert reference_folder(tmp_path, plain) == tmp_path / "runs" / "nnunet" / "seed_1"
+    at_5 = experiment_config("demo", 0, ["data.split.shots=5", "data.demo.train=20"])
+    assert reference_folder(tmp_path, at_5) == tmp_path / "runs" / "shots_05" / "nnunet" / "seed_0"
+    assert reference_folder(tmp_path, plain, shots=20) == tmp_path / "runs" / "shots_20" / "nnunet" / "seed_1"

@@ -109,6 +109,14 @@ def experiment_config(experiment: str, seed: int, overrides: Sequence[str] = ())
         raise UserError(f"--experiment {experiment} with {' '.join(overrides) or 'no overrides'}: {err}") from err
 
 
+def reference_folder(out: str | os.PathLike, cfg: DictConfig, shots: int | None = None) -> Path:
+    """Where a seed's ``nnunet`` run goes in the comparison folder OUT: ``runs/nnunet/seed_<S>``, or in a shots
+    sweep (``shots``, or the config's ``data.split.shots``) ``runs/shots_KK/nnunet/seed_<S>`` beside the methods'
+    runs of that k, so the seeds of different ks do not overwrite each other."""
+    k = shots if shots is not None else (cfg.get("data", {}).get("split", {}) or {}).get("shots")
+    return Path(out, "runs", *([f"shots_{int(k):02d}"] if k is not None else []), METHOD, f"seed_{cfg.seed}")
+
+
 def run_folder_config(run_dir: str | os.PathLike) -> DictConfig:
     """A training run's config with its own split.json as the split: the reference trains on exactly its cases."""
     run_dir = Path(run_dir)
