@@ -296,3 +296,15 @@ def test_a_shots_sweep_puts_each_k_of_a_seed_in_its_own_folder(tmp_path):
     at_5 = experiment_config("demo", 0, ["data.split.shots=5", "data.demo.train=20"])
     assert reference_folder(tmp_path, at_5) == tmp_path / "runs" / "shots_05" / "nnunet" / "seed_0"
     assert reference_folder(tmp_path, plain, shots=20) == tmp_path / "runs" / "shots_20" / "nnunet" / "seed_1"
+
+
+def test_the_reference_trains_on_the_first_k_cases_of_a_shots_sweep_like_the_methods(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tcurlora_seg.compare.nnunet import experiment_config, reference_cases
+
+    root = write_official_dataset(tmp_path / "toy")
+    cfg = experiment_config("demo", 0, ["data=official", f"data.root={root}", "data.split.shots=2"])
+    cases = reference_cases(OmegaConf.to_container(cfg.data, resolve=True))
+    assert [c["id"] for c in cases["train"]] == ["sub1", "sub2"]  # not the whole pool of sub1-3
+    assert ([c["id"] for c in cases["val"]], [c["id"] for c in cases["test"]]) == (["sub4"], ["sub5", "sub6"])

@@ -36,7 +36,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from tcurlora_seg.data.layouts import load_cases
-from tcurlora_seg.data.splits import write_split
+from tcurlora_seg.data.splits import take_shots, write_split
 from tcurlora_seg.engine.evaluate import load_reference
 from tcurlora_seg.engine.inference import write_mask
 from tcurlora_seg.engine.metrics import case_metrics, markdown_table, summarize, write_metrics_csv
@@ -107,6 +107,12 @@ def experiment_config(experiment: str, seed: int, overrides: Sequence[str] = ())
             return compose("train", overrides=given)
     except (HydraException, ValueError, TypeError) as err:
         raise UserError(f"--experiment {experiment} with {' '.join(overrides) or 'no overrides'}: {err}") from err
+
+
+def reference_cases(cfg_data: Mapping) -> dict[str, list[dict]]:
+    """The cases a run of ``cfg_data`` trains and is tested on, exactly as the trainer takes them: its split with
+    ``data.split.shots`` applied (the first k training cases of a shots sweep)."""
+    return take_shots(load_cases(cfg_data), cfg_data.get("split") or {})
 
 
 def reference_folder(out: str | os.PathLike, cfg: DictConfig, shots: int | None = None) -> Path:
@@ -272,7 +278,7 @@ def reference_run(cfg: DictConfig, run_dir: str | os.PathLike, budget: Budget, *
     A run folder that finished with the same settings is kept (``force`` trains it again)."""
     run_dir = Path(run_dir)
     cfg_data = OmegaConf.to_container(cfg.data, resolve=True)
-    cases = load_cases(cfg_data)
+    cases = reference_cases(cfg_data)
     min_mm3 = float(cfg.trainer.get("eval_min_component_mm3", 0) or 0)
     settings = {**asdict(budget), "dataset": dataset_name(cfg_data), "configuration": "3d_fullres", "fold": "all",
                 "train": [str(c["id"]) for c in cases["train"]], "test": [str(c["id"]) for c in cases["test"]],
